@@ -1,0 +1,46 @@
+"""rope_backends: rotary position embeddings through one call, bit-identical on every device.
+
+    import rope_backends as rb
+    out  = rb.apply(x, cos, sin, layout="neox")
+    q, k = rb.apply_qk(q, k, cos, sin)
+    q, k = rb.apply_cached(q, k, positions, cache, head_dim=128)       # serving, in place
+
+See README.md for backends, overrides and the numerical contract.
+"""
+
+from __future__ import annotations
+
+import importlib as _importlib
+
+# Register the built-in backends and plug-ins first: the subpackage ``rope_backends.backends``
+# shares its name with the function ``rb.backends()``, which is bound below and wins the attribute.
+_importlib.import_module(".backends", __name__)
+
+from . import mrope
+from .dispatch import apply, apply_cached, apply_qk
+from .freqs import cos_sin, cos_sin_3d, cos_sin_cache, wan_dims
+from .override import use_backend
+from .registry import Backend, BackendInfo, backends, register_backend, unregister_backend
+from .spec import Layout, MRope, RopeArgs
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "apply",
+    "apply_qk",
+    "apply_cached",
+    "cos_sin",
+    "cos_sin_cache",
+    "cos_sin_3d",
+    "wan_dims",
+    "Layout",
+    "MRope",
+    "mrope",
+    "use_backend",
+    "backends",
+    "register_backend",
+    "unregister_backend",
+    "Backend",
+    "BackendInfo",
+    "RopeArgs",
+]

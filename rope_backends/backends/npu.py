@@ -1,0 +1,1 @@
+"""``npu`` placeholder: replaced by the stack+flatten implementation (issue: Ascend NPU backend)."""

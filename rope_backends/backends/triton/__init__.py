@@ -1,0 +1,1 @@
+"""``triton`` placeholder: replaced by the kernel family (issue: Triton backend)."""

@@ -1,0 +1,176 @@
+"""Frequency tables: identical bits on every device.
+
+Angles, cosines and sines are computed in float64 on the CPU and rounded once to float32, then
+moved to the requested device. Device math libraries differ in the last bit; the CPU's float64
+path is the one answer every backend shares. Scaling follows the Hugging Face
+``rope_scaling`` definitions (``linear``, ``dynamic``/``ntk``, ``llama3``, ``yarn``), evaluated
+in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["inv_freq", "cos_sin", "cos_sin_cache", "cos_sin_3d", "wan_dims"]
+
+Scaling = float | Mapping[str, object] | None
+
+
+def _check_rotary_dim(rotary_dim: object) -> int:
+    if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int) or rotary_dim < 2 or rotary_dim % 2:
+        raise ValueError(f"rotary_dim: expected an even int >= 2, got {rotary_dim!r}")
+    return rotary_dim
+
+
+def _scaling_params(scaling: Scaling) -> tuple[str, Mapping[str, object]]:
+    if scaling is None:
+        return "default", {}
+    if isinstance(scaling, (int, float)) and not isinstance(scaling, bool):
+        return "linear", {"factor": float(scaling)}
+    if isinstance(scaling, Mapping):
+        kind = str(scaling.get("rope_type", scaling.get("type", "default")))
+        if kind not in ("default", "linear", "dynamic", "ntk", "llama3", "yarn"):
+            raise ValueError(
+                f"scaling: expected rope_type one of default, linear, dynamic, ntk, llama3, yarn, got {kind!r}"
+            )
+        if kind != "default" and "factor" not in scaling:
+            raise ValueError(f"scaling: expected a 'factor' for rope_type {kind!r}, got keys {sorted(scaling)}")
+        return kind, scaling
+    raise TypeError(f"scaling: expected None, a float (linear factor) or a rope_scaling dict, got {type(scaling).__name__}")
+
+
+def inv_freq(rotary_dim: int, base: float = 10000.0, scaling: Scaling = None) -> tuple[Tensor, float, float]:
+    """float64 inverse frequencies ``[rotary_dim // 2]`` on the CPU, the position divisor
+    (linear scaling) and the attention factor that multiplies cos/sin (YaRN)."""
+    rotary_dim = _check_rotary_dim(rotary_dim)
+    if not isinstance(base, (int, float)) or isinstance(base, bool) or base <= 0:
+        raise ValueError(f"base: expected a positive number, got {base!r}")
+    kind, p = _scaling_params(scaling)
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
+    divisor, attention = 1.0, 1.0
+    if kind in ("dynamic", "ntk"):  # NTK-aware: stretch the base
+        factor = float(p["factor"])
+        base = base * factor ** (rotary_dim / (rotary_dim - 2)) if rotary_dim > 2 else base * factor
+    freqs = 1.0 / (float(base) ** exponents)
+    if kind == "linear":
+        divisor = float(p["factor"])
+    elif kind == "llama3":
+        factor = float(p["factor"])
+        low, high = float(p.get("low_freq_factor", 1.0)), float(p.get("high_freq_factor", 4.0))
+        old = float(p.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / freqs
+        scaled = torch.where(wavelen > old / low, freqs / factor, freqs)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+        freqs = torch.where(medium, smoothed, scaled)
+    elif kind == "yarn":
+        factor = float(p["factor"])
+        old = float(p.get("original_max_position_embeddings", 4096))
+        beta_fast, beta_slow = float(p.get("beta_fast", 32.0)), float(p.get("beta_slow", 1.0))
+
+        def correction(rotations: float) -> float:
+            return (rotary_dim * math.log(old / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+        lo = max(math.floor(correction(beta_fast)), 0)
+        hi = min(math.ceil(correction(beta_slow)), rotary_dim - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
+        extrapolation = 1 - ramp
+        freqs = (freqs / factor) * (1 - extrapolation) + freqs * extrapolation
+        attention = float(p.get("attention_factor", 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0))
+    return freqs, divisor, attention
+
+
+def _tables(angles: Tensor, attention: float, device: torch.device | str | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    if attention != 1.0:
+        cos, sin = cos * attention, sin * attention
+    return cos.to(dtype).to(device), sin.to(dtype).to(device)
+
+
+def cos_sin(positions: Tensor, rotary_dim: int, base: float = 10000.0, scaling: Scaling = None) -> tuple[Tensor, Tensor]:
+    """float32 ``cos, sin [*positions.shape, rotary_dim // 2]`` (half form) on positions' device.
+
+    Reads ``positions`` on the host (one transfer when they live on a GPU): that is what makes
+    the table identical on every device. For serving, build :func:`cos_sin_cache` once instead.
+    """
+    if not isinstance(positions, Tensor):
+        raise TypeError(f"positions: expected a torch.Tensor, got {type(positions).__name__}")
+    if positions.is_complex() or positions.dtype == torch.bool:
+        raise TypeError(f"positions: expected an integer or float dtype, got {positions.dtype}")
+    freqs, divisor, attention = inv_freq(rotary_dim, base, scaling)
+    pos = positions.detach().to("cpu", torch.float64) / divisor
+    return _tables(pos.unsqueeze(-1) * freqs, attention, positions.device, torch.float32)
+
+
+def cos_sin_cache(
+    max_position: int,
+    rotary_dim: int,
+    base: float = 10000.0,
+    scaling: Scaling = None,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """``[max_position, rotary_dim]``: cos of positions 0..max_position-1 in the first half of
+    the columns, sin in the second (the vLLM/FlashInfer layout :func:`apply_cached` reads)."""
+    if isinstance(max_position, bool) or not isinstance(max_position, int) or max_position < 1:
+        raise ValueError(f"max_position: expected a positive int, got {max_position!r}")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
+    freqs, divisor, attention = inv_freq(rotary_dim, base, scaling)
+    pos = torch.arange(max_position, dtype=torch.float64) / divisor
+    cos, sin = _tables(pos.unsqueeze(-1) * freqs, attention, None, torch.float32)
+    return torch.cat((cos, sin), dim=-1).to(dtype).to(device)
+
+
+def wan_dims(head_dim: int) -> tuple[int, int, int]:
+    """Wan 2.x split of head_dim over (frames, height, width): ``d - 4*(d//6)``, ``2*(d//6)``,
+    ``2*(d//6)`` -- (44, 42, 42) for d = 128."""
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 6 or head_dim % 2:
+        raise ValueError(f"head_dim: expected an even int >= 6, got {head_dim!r}")
+    return head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6)
+
+
+def cos_sin_3d(
+    grid: Sequence[int],
+    dims: Sequence[int],
+    base: float = 10000.0,
+    *,
+    offsets: Sequence[int] = (0, 0, 0),
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """3-D RoPE table for a ``(frames, height, width)`` video grid, flattened frame-major.
+
+    ``dims = (t, h, w)`` splits the rotary width over the three axes (see :func:`wan_dims`);
+    each axis uses its own frequencies ``base ** (-arange(0, d_axis, 2) / d_axis)`` on its own
+    index (plus ``offsets``), and the three are concatenated per token. Returns float32
+    ``cos, sin [frames*height*width, (t + h + w) // 2]`` for ``layout="interleaved"``; index
+    ``[:, None]`` to broadcast over heads of ``[B, S, H, D]``.
+    """
+    if len(grid) != 3 or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in grid):
+        raise ValueError(f"grid: expected (frames, height, width) non-negative ints, got {tuple(grid)!r}")
+    if len(dims) != 3 or any(isinstance(d, bool) or not isinstance(d, int) or d < 2 or d % 2 for d in dims):
+        raise ValueError(f"dims: expected 3 even ints >= 2 (t, h, w), got {tuple(dims)!r}")
+    if len(offsets) != 3 or any(isinstance(o, bool) or not isinstance(o, int) for o in offsets):
+        raise ValueError(f"offsets: expected 3 ints, got {tuple(offsets)!r}")
+    per_axis = []
+    for n, d, off in zip(grid, dims, offsets):
+        freqs, _, _ = inv_freq(d, base)
+        per_axis.append(torch.arange(off, off + n, dtype=torch.float64).unsqueeze(-1) * freqs)  # [n, d/2]
+    f, h, w = grid
+    angles = torch.cat(
+        (
+            per_axis[0][:, None, None, :].expand(f, h, w, -1),
+            per_axis[1][None, :, None, :].expand(f, h, w, -1),
+            per_axis[2][None, None, :, :].expand(f, h, w, -1),
+        ),
+        dim=-1,
+    ).reshape(f * h * w, -1)
+    return _tables(angles, 1.0, device, torch.float32)

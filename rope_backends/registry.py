@@ -1,0 +1,204 @@
+"""The backend registry and selection. Names no backend.
+
+A backend is a :class:`Backend` record registered with :func:`register_backend`. :func:`select`
+filters by the tensors' device type, availability and ``supports``, sorts by priority, and caches
+the result per (device type, requested name, feature key), so dispatch is a dict lookup.
+An explicit request that cannot be honoured raises and lists every candidate with its reason:
+there is never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import Tensor
+
+from .spec import RopeArgs
+
+__all__ = ["Backend", "BackendInfo", "register_backend", "unregister_backend", "select", "backends", "get"]
+
+log = logging.getLogger("rope_backends")
+
+ANY_DEVICE = "*"
+
+
+def _always() -> str | None:
+    return None
+
+
+def _supports_all(args: RopeArgs) -> str | None:
+    return None
+
+
+def _no_extra_devices() -> tuple[str, ...]:
+    return ()
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the rope_backends contract.
+
+    name            unique, used by ``backend=``, ``use_backend`` and ``ROPE_BACKEND``
+    device_types    torch device types served when auto-selecting (``"*"``: every device)
+    priority        higher wins among available backends serving a device
+    forward         ``forward(args: RopeArgs) -> tuple[Tensor, ...]``: one result per
+                    ``args.tensors``; written into them when ``args.inplace``
+    probe           ``probe() -> None`` when usable here, else the reason it is not
+    supports        ``supports(args) -> None`` or the reason this call is out of reach; its
+                    answer may depend only on ``args.feature_key`` (it is cached by it)
+    explicit_device_types
+                    ``() -> tuple`` of extra device types served only when the backend is named
+                    (the Triton interpreter and the simulated NPU serve "cpu" that way)
+    """
+
+    name: str
+    device_types: tuple[str, ...]
+    priority: int
+    forward: Callable[[RopeArgs], tuple[Tensor, ...]]
+    probe: Callable[[], str | None] = _always
+    supports: Callable[[RopeArgs], str | None] = _supports_all
+    explicit_device_types: Callable[[], tuple[str, ...]] = _no_extra_devices
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or ":" in self.name or "," in self.name:
+            raise ValueError(f"name: expected a non-empty str without ':' or ',', got {self.name!r}")
+        if isinstance(self.device_types, str) or not all(isinstance(d, str) for d in self.device_types):
+            raise TypeError(f"device_types: expected a tuple of device type strings, got {self.device_types!r}")
+        object.__setattr__(self, "device_types", tuple(self.device_types))
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+            raise TypeError(f"priority: expected an int, got {type(self.priority).__name__}")
+        for attr in ("forward", "probe", "supports", "explicit_device_types"):
+            if not callable(getattr(self, attr)):
+                raise TypeError(f"{attr}: expected a callable, got {type(getattr(self, attr)).__name__}")
+
+    def serves(self, device_type: str, explicit: bool) -> bool:
+        if ANY_DEVICE in self.device_types or device_type in self.device_types:
+            return True
+        return explicit and device_type in self.explicit_device_types()
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What ``rb.backends()`` reports for one backend."""
+
+    name: str
+    device_types: tuple[str, ...]
+    explicit_device_types: tuple[str, ...]
+    priority: int
+    available: bool
+    reason: str | None = None
+    description: str = field(default="", repr=False)
+
+
+_REGISTRY: dict[str, Backend] = {}
+_SELECTED: dict[tuple, Backend] = {}
+_SKIP_LOGGED: set[tuple] = set()
+
+
+def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
+    """Add a backend (built-in, plug-in or test double). Clears the selection cache."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend: expected a rope_backends.Backend, got {type(backend).__name__}")
+    if backend.name in _REGISTRY and not replace:
+        raise ValueError(f"backend: expected a new name, got {backend.name!r} which is registered (pass replace=True)")
+    _REGISTRY[backend.name] = backend
+    _SELECTED.clear()
+    return backend
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a backend by name (tests and plug-in reloads). Clears the selection cache."""
+    if name not in _REGISTRY:
+        raise ValueError(f"name: expected a registered backend {sorted(_REGISTRY)}, got {name!r}")
+    del _REGISTRY[name]
+    _SELECTED.clear()
+
+
+def get(name: str) -> Backend:
+    if name not in _REGISTRY:
+        raise ValueError(f"backend: expected one of {sorted(_REGISTRY)}, got {name!r}")
+    return _REGISTRY[name]
+
+
+def _probe(backend: Backend) -> str | None:
+    try:
+        return backend.probe()
+    except Exception as exc:  # a broken probe makes the backend unavailable, with the reason
+        return f"probe raised {type(exc).__name__}: {exc}"
+
+
+def backends() -> list[BackendInfo]:
+    """Every registered backend with its availability here, highest priority first."""
+    infos = []
+    for b in sorted(_REGISTRY.values(), key=lambda b: (-b.priority, b.name)):
+        reason = _probe(b)
+        infos.append(
+            BackendInfo(b.name, b.device_types, tuple(b.explicit_device_types()), b.priority,
+                        reason is None, reason, b.description)
+        )
+    return infos
+
+
+def _why_not(b: Backend, device_type: str, args: RopeArgs | None, explicit: bool) -> str | None:
+    if not b.serves(device_type, explicit):
+        extra = tuple(b.explicit_device_types())
+        served = b.device_types + tuple(f"{d} (explicit only)" for d in extra)
+        return f"does not serve device type {device_type!r} (serves {', '.join(served) or 'nothing'})"
+    reason = _probe(b)
+    if reason is not None:
+        return f"unavailable: {reason}"
+    if args is not None:
+        reason = b.supports(args)
+        if reason is not None:
+            return f"does not support this call: {reason}"
+    return None
+
+
+def _candidates_report(device_type: str, args: RopeArgs | None) -> str:
+    lines = []
+    for b in sorted(_REGISTRY.values(), key=lambda b: (-b.priority, b.name)):
+        lines.append(f"  {b.name}: {_why_not(b, device_type, args, explicit=True) or 'ok'}")
+    return "\n".join(lines)
+
+
+def select(device_type: str, args: RopeArgs | None, requested: str | None = None, source: str = "backend") -> Backend:
+    """The backend that runs ``args`` on ``device_type``: ``requested`` if given (or raise),
+    else the highest-priority one that serves, is available and supports the call."""
+    key = (device_type, requested, args.feature_key if args is not None else None)
+    hit = _SELECTED.get(key)
+    if hit is not None:
+        return hit
+    if requested is not None:
+        b = _REGISTRY.get(requested)
+        if b is None:
+            raise ValueError(
+                f"{source}: expected a registered backend name, got {requested!r}; candidates for "
+                f"device type {device_type!r}:\n{_candidates_report(device_type, args)}"
+            )
+        reason = _why_not(b, device_type, args, explicit=True)
+        if reason is not None:
+            raise ValueError(
+                f"{source}: backend {requested!r} cannot run this call: {reason}; candidates for "
+                f"device type {device_type!r}:\n{_candidates_report(device_type, args)}"
+            )
+        _SELECTED[key] = b
+        return b
+    chosen = None
+    for b in sorted(_REGISTRY.values(), key=lambda b: (-b.priority, b.name)):
+        reason = _why_not(b, device_type, args, explicit=False)
+        if reason is None:
+            chosen = b
+            break
+        if b.serves(device_type, False) and (b.name, device_type) not in _SKIP_LOGGED:
+            _SKIP_LOGGED.add((b.name, device_type))
+            log.info("rope_backends: skipping backend %r for %s: %s", b.name, device_type, reason)
+    if chosen is None:
+        raise ValueError(
+            f"{source}: no backend can run this call on device type {device_type!r}; candidates:\n"
+            f"{_candidates_report(device_type, args)}"
+        )
+    _SELECTED[key] = chosen
+    return chosen

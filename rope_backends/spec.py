@@ -1,0 +1,390 @@
+"""The contract types (``Layout``, ``MRope``, ``RopeArgs``) and input validation.
+
+Every public entry point turns its arguments into one :class:`RopeArgs` here, so every backend
+receives inputs that are already checked and normalised: ``cos``/``sin`` in *half form* (one value
+per rotated pair), q/k as ``[..., heads, head_dim]``. Bad input raises ``TypeError`` (wrong kind of
+thing) or ``ValueError`` (wrong value) with the argument's name, what was expected and what came.
+Validation never synchronises with a device: checks that would read device memory (position
+ranges) run only for CPU tensors or when debug checks are on (``ROPE_BACKENDS_DEBUG=1``).
+
+This module imports no backend.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["Layout", "MRope", "RopeArgs", "X_DTYPES", "COS_DTYPES", "debug_checks"]
+
+X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+COS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+class Layout(str, enum.Enum):
+    """Which elements form a rotated pair (``rotary_dim`` = r, ``half`` = r // 2).
+
+    NEOX:        pair i is (i, i + half)   -- rotate_half: Llama, NeoX, Qwen, vLLM ``is_neox_style``
+    INTERLEAVED: pair i is (2i, 2i + 1)    -- rotate_every_two: GPT-J, Wan/Helios complex form
+    """
+
+    NEOX = "neox"
+    INTERLEAVED = "interleaved"
+
+    @classmethod
+    def parse(cls, value: "Layout | str") -> "Layout":
+        if isinstance(value, Layout):
+            return value
+        try:
+            return _LAYOUTS[value]
+        except (KeyError, TypeError):
+            raise ValueError(
+                f"layout: expected one of {sorted(_LAYOUTS)} or a rope_backends.Layout, got {value!r}"
+            ) from None
+
+
+_LAYOUTS = {"neox": Layout.NEOX, "interleaved": Layout.INTERLEAVED}
+
+
+@dataclass(frozen=True)
+class MRope:
+    """Multimodal RoPE: which position row (0 = t, 1 = h, 2 = w) drives each frequency index.
+
+    ``axis_map[j]`` is the row of ``positions[3, ...]`` whose value rotates pair j; its length is
+    ``rotary_dim // 2``. Build it with :mod:`rope_backends.mrope` (``chunked``, ``interleaved``,
+    ``ernie``) rather than by hand.
+    """
+
+    axis_map: tuple[int, ...]
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        if not self.axis_map or any(a not in (0, 1, 2) for a in self.axis_map):
+            raise ValueError(
+                f"mrope: expected an axis map of values in (0, 1, 2), got {self.axis_map!r}"
+            )
+
+    @classmethod
+    def parse(cls, value: "MRope | Sequence[int] | None") -> "MRope | None":
+        if value is None or isinstance(value, MRope):
+            return value
+        if isinstance(value, Tensor):
+            value = value.tolist()
+        try:
+            return cls(tuple(int(v) for v in value))
+        except TypeError:
+            raise TypeError(
+                f"mrope: expected an MRope (rope_backends.mrope.chunked/interleaved/ernie) or a "
+                f"sequence of axis indices, got {type(value).__name__}"
+            ) from None
+
+
+def debug_checks() -> bool:
+    """Opt-in checks that cost a device sync (position ranges on GPU): ``ROPE_BACKENDS_DEBUG=1``."""
+    return os.environ.get("ROPE_BACKENDS_DEBUG", "0") not in ("", "0")
+
+
+@dataclass
+class RopeArgs:
+    """One validated call, the form in which every backend receives its work.
+
+    tensors    inputs, each ``[..., heads, head_dim]`` (q and k may differ in heads and leading
+               dims); any strides.
+    inplace    write results into ``tensors`` and return them; otherwise return fresh tensors
+               and leave the inputs untouched.
+    layout, rotary_dim, conjugate
+               pairing, rotated width (even, <= head_dim), and whether to rotate by -theta
+               (backward).
+    cos, sin   half form ``[..., rotary_dim // 2]``, broadcastable to each
+               ``tensor.shape[:-1] + (rotary_dim // 2,)``; any float dtype; may be strided or
+               expanded views. None when positions/cache are given.
+    positions  ``tensors[i].shape[:-2]`` (or ``[3, *that]`` with ``mrope``); integer dtype.
+    cache      ``[max_position, rotary_dim]``: cos in columns ``[:half]``, sin in ``[half:]``.
+    mrope      per-frequency position row, or None.
+    """
+
+    tensors: tuple[Tensor, ...]
+    inplace: bool
+    layout: Layout
+    rotary_dim: int
+    conjugate: bool = False
+    cos: Tensor | None = None
+    sin: Tensor | None = None
+    positions: Tensor | None = None
+    cache: Tensor | None = None
+    mrope: MRope | None = None
+
+    @property
+    def kind(self) -> str:
+        return "cached" if self.cache is not None else "table"
+
+    @property
+    def position_axis_map(self) -> tuple[int, ...] | None:
+        """The MRoPE axis map when positions carry the 3 rows, else None (one position per
+        token: plain RoPE, or MRoPE on text-only input where the rows would be equal)."""
+        if self.mrope is None or self.positions is None:
+            return None
+        if self.positions.dim() != self.tensors[0].dim() - 1:
+            return None
+        return self.mrope.axis_map
+
+    @property
+    def feature_key(self) -> tuple:
+        """What a backend's ``supports()`` may depend on; dispatch caches its answer by this."""
+        return (self.kind, self.tensors[0].dtype, self.layout, self.mrope is not None)
+
+
+# --------------------------------------------------------------------------------------------
+# checks, each naming the argument, the expectation and what came
+
+
+def _need_tensor(name: str, value: object) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _need_x_dtype(name: str, t: Tensor) -> None:
+    if t.dtype not in X_DTYPES:
+        raise TypeError(f"{name}: expected dtype float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _need_same_device(name: str, t: Tensor, device: torch.device, ref_name: str) -> None:
+    if t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the device of {ref_name}), got {t.device}")
+
+
+def _need_writable(name: str, t: Tensor) -> None:
+    """In-place writes into a tensor whose elements share memory would race and be wrong."""
+    for size, stride in zip(t.shape, t.stride()):
+        if stride == 0 and size > 1:
+            raise ValueError(
+                f"{name}: inplace=True needs a tensor whose elements do not share memory, got "
+                f"shape {tuple(t.shape)} with strides {t.stride()} (an expanded view); pass inplace=False"
+            )
+
+
+def _no_grad_inplace(name: str, t: Tensor) -> None:
+    if t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"{name}: inplace=True is not differentiable, got a tensor that requires grad; "
+            f"use inplace=False (or torch.no_grad() for inference)"
+        )
+
+
+def _rotary_dim(rotary_dim: object, head_dim: int, name: str = "rotary_dim") -> int:
+    if rotary_dim is None:
+        rotary_dim = head_dim
+    elif isinstance(rotary_dim, bool) or not isinstance(rotary_dim, (int, torch.SymInt)):
+        raise TypeError(f"{name}: expected an int or None, got {type(rotary_dim).__name__}")
+    if rotary_dim < 2 or rotary_dim % 2 or rotary_dim > head_dim:
+        raise ValueError(
+            f"{name}: expected an even value in [2, head_dim={head_dim}], got {rotary_dim}"
+        )
+    return int(rotary_dim)
+
+
+def _half_form(cos: Tensor, sin: Tensor, layout: Layout, rotary_dim: int) -> tuple[Tensor, Tensor]:
+    """cos/sin as one value per pair. The duplicated form (last dim ``rotary_dim``, as HF and
+    diffusers build it) is read at index i (neox) or 2i (interleaved), by a view: no copy."""
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dtype not in COS_DTYPES:
+            raise TypeError(f"{name}: expected a floating dtype (float32/16, bfloat16, float64), got {t.dtype}")
+        if t.dim() == 0:
+            raise ValueError(f"{name}: expected at least 1 dimension, got a 0-d tensor")
+    if cos.dtype != sin.dtype:
+        raise TypeError(f"sin: expected the dtype of cos ({cos.dtype}), got {sin.dtype}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"sin: expected the shape of cos {tuple(cos.shape)}, got {tuple(sin.shape)}")
+    half = rotary_dim // 2
+    last = cos.shape[-1]
+    if last == half:
+        return cos, sin
+    if last == rotary_dim:
+        if layout is Layout.NEOX:
+            return cos[..., :half], sin[..., :half]
+        return cos[..., ::2], sin[..., ::2]
+    raise ValueError(
+        f"cos: expected last dim rotary_dim//2={half} (one value per pair) or rotary_dim={rotary_dim} "
+        f"(duplicated form), got {last} (shape {tuple(cos.shape)})"
+    )
+
+
+def _need_broadcast(name: str, small: Sequence[int], target: Sequence[int], target_name: str) -> None:
+    ok = len(small) <= len(target) and all(
+        s == t or s == 1 for s, t in zip(reversed(small), reversed(target))
+    )
+    if not ok:
+        raise ValueError(
+            f"{name}: expected a shape broadcastable to {tuple(target)} ({target_name}.shape[:-1] + "
+            f"(rotary_dim//2,)), got {tuple(small)}"
+        )
+
+
+def _need_distinct(q: Tensor, k: Tensor) -> None:
+    if not torch.compiler.is_compiling() and q.numel() and q.data_ptr() == k.data_ptr():
+        raise ValueError("k: expected a tensor distinct from q, got one starting at q's address")
+
+
+# --------------------------------------------------------------------------------------------
+# one builder per public entry point
+
+
+def args_for_tables(
+    tensors: tuple[tuple[str, object], ...],
+    cos: object,
+    sin: object,
+    layout: Layout | str,
+    rotary_dim: int | None,
+    inplace: bool,
+) -> RopeArgs:
+    """Validate ``apply`` (one tensor) or ``apply_qk`` (q, k) with explicit cos/sin."""
+    layout = Layout.parse(layout)
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace: expected a bool, got {type(inplace).__name__}")
+    checked = []
+    first_name = tensors[0][0]
+    for name, t in tensors:
+        t = _need_tensor(name, t)
+        _need_x_dtype(name, t)
+        if t.dim() < 1:
+            raise ValueError(f"{name}: expected at least 1 dimension [..., head_dim], got a 0-d tensor")
+        checked.append(t)
+    x0 = checked[0]
+    head_dim = x0.shape[-1]
+    for (name, _), t in zip(tensors[1:], checked[1:]):
+        if t.dtype != x0.dtype:
+            raise TypeError(f"{name}: expected the dtype of {first_name} ({x0.dtype}), got {t.dtype}")
+        _need_same_device(name, t, x0.device, first_name)
+        if t.shape[-1] != head_dim:
+            raise ValueError(f"{name}: expected head_dim {head_dim} (that of {first_name}), got {t.shape[-1]}")
+    if len(checked) == 2:
+        _need_distinct(*checked)
+    rotary_dim = _rotary_dim(rotary_dim, head_dim)
+    cos = _need_tensor("cos", cos)
+    sin = _need_tensor("sin", sin)
+    _need_same_device("cos", cos, x0.device, first_name)
+    _need_same_device("sin", sin, x0.device, first_name)
+    cos, sin = _half_form(cos, sin, layout, rotary_dim)
+    for (name, _), t in zip(tensors, checked):
+        _need_broadcast("cos", cos.shape, (*t.shape[:-1], rotary_dim // 2), name)
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        raise ValueError(
+            "cos: gradients flow to the rotated tensors only, got cos/sin that require grad; "
+            "pass cos.detach(), sin.detach()"
+        )
+    if inplace:
+        for (name, _), t in zip(tensors, checked):
+            _no_grad_inplace(name, t)
+            _need_writable(name, t)
+    return RopeArgs(tuple(checked), inplace, layout, rotary_dim, cos=cos, sin=sin)
+
+
+def args_for_cached(
+    q: object,
+    k: object,
+    positions: object,
+    cos_sin_cache: object,
+    layout: Layout | str,
+    rotary_dim: int | None,
+    mrope: MRope | Sequence[int] | None,
+    inplace: bool,
+    head_dim: int | None,
+) -> tuple[RopeArgs, tuple[Tensor, ...]]:
+    """Validate ``apply_cached``. Returns the args (q/k as ``[..., heads, head_dim]`` views) and
+    the caller's original tensors, which are what the user gets back."""
+    layout = Layout.parse(layout)
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace: expected a bool, got {type(inplace).__name__}")
+    q = _need_tensor("q", q)
+    originals = [q]
+    named = [("q", q)]
+    if k is not None:
+        k = _need_tensor("k", k)
+        originals.append(k)
+        named.append(("k", k))
+    views = []
+    for name, t in named:
+        _need_x_dtype(name, t)
+        if name == "k":
+            if t.dtype != q.dtype:
+                raise TypeError(f"k: expected the dtype of q ({q.dtype}), got {t.dtype}")
+            _need_same_device("k", t, q.device, "q")
+        if t.dim() == 2:  # vLLM style [T, heads * head_dim]
+            if head_dim is None:
+                raise ValueError(
+                    f"head_dim: expected an int when {name} is 2-D [tokens, heads*head_dim], got None"
+                )
+            if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0:
+                raise ValueError(f"head_dim: expected a positive int, got {head_dim!r}")
+            if t.shape[1] % head_dim:
+                raise ValueError(
+                    f"{name}: expected last dim divisible by head_dim={head_dim}, got {t.shape[1]}"
+                )
+            t = t.view(t.shape[0], t.shape[1] // head_dim, head_dim)
+        elif t.dim() < 3:
+            raise ValueError(
+                f"{name}: expected [tokens, heads*head_dim] or [..., tokens, heads, head_dim], got shape {tuple(t.shape)}"
+            )
+        elif head_dim is not None and t.shape[-1] != head_dim:
+            raise ValueError(f"head_dim: expected {t.shape[-1]} (the last dim of {name}), got {head_dim}")
+        views.append(t)
+    if len(views) == 2:
+        if views[1].shape[-1] != views[0].shape[-1]:
+            raise ValueError(f"k: expected head_dim {views[0].shape[-1]} (that of q), got {views[1].shape[-1]}")
+        if views[1].shape[:-2] != views[0].shape[:-2]:
+            raise ValueError(
+                f"k: expected leading dims {tuple(views[0].shape[:-2])} (those of q), got {tuple(views[1].shape[:-2])}"
+            )
+        _need_distinct(*views)
+    lead = tuple(views[0].shape[:-2])
+    cache = _need_tensor("cos_sin_cache", cos_sin_cache)
+    if cache.dtype not in COS_DTYPES:
+        raise TypeError(f"cos_sin_cache: expected a floating dtype, got {cache.dtype}")
+    if cache.dim() != 2:
+        raise ValueError(f"cos_sin_cache: expected shape [max_position, rotary_dim], got {tuple(cache.shape)}")
+    _need_same_device("cos_sin_cache", cache, q.device, "q")
+    if rotary_dim is not None and rotary_dim != cache.shape[1]:
+        raise ValueError(
+            f"rotary_dim: expected cos_sin_cache.shape[1]={cache.shape[1]} (or None), got {rotary_dim}"
+        )
+    rotary_dim = _rotary_dim(cache.shape[1], views[0].shape[-1], "cos_sin_cache.shape[1] (rotary_dim)")
+    mrope = MRope.parse(mrope)
+    if mrope is not None and len(mrope.axis_map) != rotary_dim // 2:
+        raise ValueError(
+            f"mrope: expected an axis map of length rotary_dim//2={rotary_dim // 2}, got {len(mrope.axis_map)}"
+        )
+    positions = _need_tensor("positions", positions)
+    if positions.dtype not in _INT_DTYPES:
+        raise TypeError(f"positions: expected an integer dtype (int64/int32/...), got {positions.dtype}")
+    _need_same_device("positions", positions, q.device, "q")
+    if tuple(positions.shape) == lead:
+        pass  # one position per token (with mrope: text-only input, all rows equal)
+    elif mrope is not None and tuple(positions.shape) == (3, *lead):
+        pass
+    else:
+        want = f"{lead}" + (f" or {(3, *lead)}" if mrope is not None else "")
+        hint = "" if mrope is not None or positions.shape[:1] != (3,) else " (3-row positions need mrope=)"
+        raise ValueError(f"positions: expected shape {want}, got {tuple(positions.shape)}{hint}")
+    # a data-dependent check cannot be traced: under torch.compile only the kernels' NaN guard holds
+    if positions.numel() and (positions.device.type == "cpu" or debug_checks()) and not torch.compiler.is_compiling():
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= cache.shape[0]:
+            raise ValueError(
+                f"positions: expected values in [0, {cache.shape[0]}) (cos_sin_cache rows), got min {lo}, max {hi}"
+            )
+    if inplace:
+        for (name, _), t in zip(named, views):
+            _no_grad_inplace(name, t)
+            _need_writable(name, t)
+    args = RopeArgs(
+        tuple(views), inplace, layout, rotary_dim,
+        positions=positions, cache=cache, mrope=mrope,
+    )
+    return args, tuple(originals)
