@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Run one CI lane: the tests under the lane's environment, then the conformance check
+# (with --expect, so a lane fails if dispatch fell back), then the bench where the lane asks.
+# Usage: bash ci/run_lane.sh {cpu|interp|cuda|rocm|npu}
+set -euo pipefail
+cd "$(dirname "$0")/.."
+lane="${1:?usage: ci/run_lane.sh LANE}"
+while IFS='=' read -r key value; do export "$key=$value"; done < <(python ci/lane.py env "$lane")
+echo "== lane $lane: device=$LANE_DEVICE expect=$LANE_EXPECT backend=${LANE_BACKEND:-auto}"
+pytest_args=(-q -p no:cacheprovider)
+if [[ -n "${LANE_BACKEND}" ]]; then
+  pytest_args+=(--backend "$LANE_BACKEND")
+fi
+read -r -a test_paths <<< "$LANE_TESTS"
+python -m pytest "${pytest_args[@]}" "${test_paths[@]}"
+check_args=(check --device "$LANE_DEVICE" --expect "$LANE_EXPECT")
+if [[ -n "${LANE_BACKEND}" ]]; then
+  check_args+=(--backend "$LANE_BACKEND")
+fi
+python -m rope_backends "${check_args[@]}"
+if [[ "$LANE_BENCH" == "1" ]]; then
+  python -m bench --device "$LANE_DEVICE" --out bench/results
+fi
