@@ -181,8 +181,8 @@ def select(device_type: str, args: RopeArgs | None, requested: str | None = None
         reason = _why_not(b, device_type, args, explicit=True)
         if reason is not None:
             raise ValueError(
-                f"{source}: backend {requested!r} cannot run this call: {reason}; candidates for "
-                f"device type {device_type!r}:\n{_candidates_report(device_type, args)}"
+                f"{source}: expected a backend that can run this call, got {requested!r}: {reason}; "
+                f"candidates for device type {device_type!r}:\n{_candidates_report(device_type, args)}"
             )
         _SELECTED[key] = b
         return b
@@ -197,8 +197,8 @@ def select(device_type: str, args: RopeArgs | None, requested: str | None = None
             log.info("rope_backends: skipping backend %r for %s: %s", b.name, device_type, reason)
     if chosen is None:
         raise ValueError(
-            f"{source}: no backend can run this call on device type {device_type!r}; candidates:\n"
-            f"{_candidates_report(device_type, args)}"
+            f"{source}: expected a backend that can run this call on device type {device_type!r}, got none; "
+            f"candidates:\n{_candidates_report(device_type, args)}"
         )
     _SELECTED[key] = chosen
     return chosen

@@ -165,7 +165,7 @@ def _need_writable(name: str, t: Tensor) -> None:
     for size, stride in zip(t.shape, t.stride()):
         if stride == 0 and size > 1:
             raise ValueError(
-                f"{name}: inplace=True needs a tensor whose elements do not share memory, got "
+                f"{name}: expected a tensor whose elements do not share memory for inplace=True, got "
                 f"shape {tuple(t.shape)} with strides {t.stride()} (an expanded view); pass inplace=False"
             )
 
@@ -173,8 +173,8 @@ def _need_writable(name: str, t: Tensor) -> None:
 def _no_grad_inplace(name: str, t: Tensor) -> None:
     if t.requires_grad and torch.is_grad_enabled():
         raise ValueError(
-            f"{name}: inplace=True is not differentiable, got a tensor that requires grad; "
-            f"use inplace=False (or torch.no_grad() for inference)"
+            f"{name}: expected a tensor that does not require grad for inplace=True (not differentiable), "
+            f"got one that requires grad; use inplace=False (or torch.no_grad() for inference)"
         )
 
 
@@ -276,8 +276,8 @@ def args_for_tables(
         _need_broadcast("cos", cos.shape, (*t.shape[:-1], rotary_dim // 2), name)
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
         raise ValueError(
-            "cos: gradients flow to the rotated tensors only, got cos/sin that require grad; "
-            "pass cos.detach(), sin.detach()"
+            "cos: expected cos/sin that do not require grad (gradients flow to the rotated tensors only), "
+            "got cos/sin that require grad; pass cos.detach(), sin.detach()"
         )
     if inplace:
         for (name, _), t in zip(tensors, checked):
