@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from .positions import rope_index  # the position ids these maps consume (Qwen-VL get_rope_index)
 from .spec import MRope
 
-__all__ = ["MRope", "chunked", "interleaved", "ernie"]
+__all__ = ["MRope", "chunked", "interleaved", "ernie", "rope_index"]
 
 T, H, W = 0, 1, 2
 

@@ -1,0 +1,464 @@
+"""rope_backends.positions.rope_index == a per-row, per-image loop written from transformers' 4.x
+``get_rope_index`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), element for element, on synthetic batches
+built the way the Qwen processors lay tokens out.
+
+The loop (``rope_index_loop``) is the oracle and also the baseline that bench/rope_index.py times;
+``make_batch`` builds the inputs for both. When a transformers 4.x is importable, the oracle itself
+is checked against transformers' own methods.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import rope_backends as rb
+from rope_backends import mrope, positions
+
+VISION_START, IMAGE, VIDEO, VISION_END, PAD = 1001, 1002, 1003, 1004, 0
+IDS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START)
+MERGE = 2
+
+
+# ------------------------------------------------------------------ the oracle (loop) -----------
+def rope_index_loop(
+    input_ids,
+    image_grid_thw=None,
+    video_grid_thw=None,
+    attention_mask=None,
+    *,
+    spatial_merge_size=MERGE,
+    image_token_id=IMAGE,
+    video_token_id=VIDEO,
+    vision_start_token_id=VISION_START,
+    variant="qwen3_vl",
+    second_per_grid_ts=None,
+    tokens_per_second=2,
+    truncate_seconds=True,
+):
+    """One row, one image, one frame at a time, as transformers 4.x does it (host reads included)."""
+    batch, seq = input_ids.shape
+    dev = input_ids.device
+    if image_grid_thw is None and video_grid_thw is None:
+        if attention_mask is None:
+            pos = torch.arange(seq, device=dev).view(1, 1, -1).expand(3, batch, -1)
+            return pos, torch.zeros((batch, 1), device=dev, dtype=input_ids.dtype)
+        pos = attention_mask.long().cumsum(-1) - 1
+        pos.masked_fill_(attention_mask == 0, 1)
+        pos = pos.unsqueeze(0).expand(3, -1, -1)
+        return pos, pos.max(0)[0].max(-1, keepdim=True)[0] + 1 - seq
+    if video_grid_thw is not None and variant == "qwen3_vl":
+        # a video of T frames is T (1, h, w) grids: timestamps separate the frames in the text
+        video_grid_thw = torch.repeat_interleave(video_grid_thw, video_grid_thw[:, 0], dim=0)
+        video_grid_thw[:, 0] = 1
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    position_ids = torch.ones(3, batch, seq, dtype=input_ids.dtype, device=dev)
+    next_image, next_video = 0, 0
+    deltas = []
+    for row in range(batch):
+        keep = attention_mask[row] == 1
+        tokens_t = input_ids[row][keep]
+        after_start = tokens_t[torch.argwhere(tokens_t == vision_start_token_id).squeeze(1) + 1]
+        n_images = int((after_start == image_token_id).sum())
+        n_videos = int((after_start == video_token_id).sum())
+        tokens = tokens_t.tolist()
+        pieces = []
+        cursor = 0
+        images_left, videos_left = n_images, n_videos
+        for _ in range(n_images + n_videos):
+            at_image = tokens.index(image_token_id, cursor) if image_token_id in tokens and images_left > 0 else len(tokens) + 1
+            at_video = tokens.index(video_token_id, cursor) if video_token_id in tokens and videos_left > 0 else len(tokens) + 1
+            if at_image < at_video:
+                t, h, w = image_grid_thw[next_image]
+                seconds = 0
+                next_image += 1
+                images_left -= 1
+                at = at_image
+            else:
+                t, h, w = video_grid_thw[next_video]
+                seconds = second_per_grid_ts[next_video] if second_per_grid_ts is not None else 1.0
+                next_video += 1
+                videos_left -= 1
+                at = at_video
+            gt, gh, gw = t.item(), h.item() // spatial_merge_size, w.item() // spatial_merge_size
+            text_len = at - cursor
+            first = pieces[-1].max() + 1 if pieces else 0
+            pieces.append(torch.arange(text_len).view(1, -1).expand(3, -1) + first)
+            frame = torch.arange(gt).view(-1, 1).expand(-1, gh * gw)
+            if variant == "qwen2_5_vl":
+                if truncate_seconds:
+                    seconds = torch.as_tensor(seconds, dtype=frame.dtype)
+                t_index = (frame * seconds * tokens_per_second).long().flatten()
+            else:
+                t_index = frame.flatten()
+            h_index = torch.arange(gh).view(1, -1, 1).expand(gt, -1, gw).flatten()
+            w_index = torch.arange(gw).view(1, 1, -1).expand(gt, gh, -1).flatten()
+            pieces.append(torch.stack([t_index, h_index, w_index]) + text_len + first)
+            cursor = at + gt * gh * gw
+        if cursor < len(tokens):
+            first = pieces[-1].max() + 1 if pieces else 0
+            pieces.append(torch.arange(len(tokens) - cursor).view(1, -1).expand(3, -1) + first)
+        row_pos = torch.cat(pieces, dim=1).reshape(3, -1)
+        position_ids[..., row, keep] = row_pos.to(dev)
+        deltas.append(row_pos.max() + 1 - len(input_ids[row]))
+    return position_ids, torch.tensor(deltas, device=dev).unsqueeze(1)
+
+
+# ------------------------------------------------------------------ synthetic batches ------------
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+    video_grid_thw: torch.Tensor | None
+    second_per_grid_ts: torch.Tensor | None
+    variant: str
+
+    def kwargs(self, **extra):
+        out = dict(
+            image_grid_thw=self.image_grid_thw,
+            video_grid_thw=self.video_grid_thw,
+            attention_mask=self.attention_mask,
+            variant=self.variant,
+            spatial_merge_size=MERGE,
+            **IDS,
+        )
+        if self.variant == "qwen2_5_vl":
+            out["second_per_grid_ts"] = self.second_per_grid_ts
+        out.update(extra)
+        return out
+
+    def to(self, device):
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(
+            move(self.input_ids), move(self.attention_mask), move(self.image_grid_thw),
+            move(self.video_grid_thw), move(self.second_per_grid_ts), self.variant,
+        )
+
+
+def make_batch(
+    batch: int,
+    seq: int,
+    images: int,
+    videos: int,
+    frames: int = 8,
+    *,
+    variant: str = "qwen3_vl",
+    padding: str | None = None,  # None (full rows, no mask), "left", "right", "mixed"
+    image_side=(4, 28),  # h, w in patches (multiples of MERGE are drawn from this range)
+    frame_side=(8, 16),
+    seconds=(0.5, 1.0, 2.0, 1.5, 1 / 3),
+    seed: int = 0,
+    grids: bool = True,
+) -> Batch:
+    """``images``/``videos`` are totals over the batch, dealt round-robin to the rows. Qwen3-VL
+    videos get timestamp text + vision_start + one frame's tokens + vision_end per frame; the
+    Qwen2 variants one vision_start + all frames. Rows are filled with random text to their
+    length (``seq`` or, with padding, a ragged shorter length); pad tokens fill the rest."""
+    rng = random.Random(seed)
+    text = lambda n: [rng.randrange(10, 1000) for _ in range(n)]  # noqa: E731
+    side = lambda lo_hi: MERGE * rng.randrange(lo_hi[0] // MERGE, lo_hi[1] // MERGE + 1)  # noqa: E731
+    image_rows, video_rows, secs = [], [], []
+    rows = []
+    for b in range(batch):
+        length = seq if padding is None or b == 0 else seq - rng.randrange(1, seq // 4)
+        items = ["image"] * len(range(b, images, batch)) + ["video"] * len(range(b, videos, batch))
+        rng.shuffle(items)
+        chunks = []
+        for kind in items:
+            if kind == "image":
+                h, w = side(image_side), side(image_side)
+                image_rows.append((1, h, w))
+                chunks.append([VISION_START] + [IMAGE] * ((h // MERGE) * (w // MERGE)) + [VISION_END])
+            else:
+                h, w = side(frame_side), side(frame_side)
+                video_rows.append((frames, h, w))
+                secs.append(seconds[len(secs) % len(seconds)])
+                per_frame = (h // MERGE) * (w // MERGE)
+                if variant == "qwen3_vl":
+                    chunk = []
+                    for _ in range(frames):  # "<12.5 seconds>" as text, then the frame
+                        chunk += text(rng.randrange(3, 7)) + [VISION_START] + [VIDEO] * per_frame + [VISION_END]
+                else:
+                    chunk = [VISION_START] + [VIDEO] * (frames * per_frame) + [VISION_END]
+                chunks.append(chunk)
+        used = sum(len(c) for c in chunks)
+        if used > length:
+            raise ValueError(f"make_batch: row {b} needs {used} tokens, has {length}")
+        cuts = sorted(rng.randrange(0, length - used + 1) for _ in range(len(chunks)))
+        gaps = [hi - lo for lo, hi in zip([0] + cuts, cuts + [length - used])]
+        row = []
+        for gap, chunk in zip(gaps, chunks):
+            row += text(gap) + chunk
+        row += text(gaps[-1])
+        rows.append(row)
+    ids = torch.full((batch, seq), PAD, dtype=torch.int64)
+    mask = torch.zeros((batch, seq), dtype=torch.int64)
+    for b, row in enumerate(rows):
+        left = padding == "left" or (padding == "mixed" and b % 2)
+        lo = seq - len(row) if left else 0
+        ids[b, lo : lo + len(row)] = torch.tensor(row)
+        mask[b, lo : lo + len(row)] = 1
+    as_grid = lambda r: torch.tensor(r, dtype=torch.int64).view(-1, 3)  # noqa: E731
+    return Batch(
+        ids,
+        None if padding is None else mask,
+        as_grid(image_rows) if grids and (images or not videos) else None,
+        as_grid(video_rows) if grids and videos else None,
+        torch.tensor(secs, dtype=torch.float32) if videos and variant == "qwen2_5_vl" else None,
+        variant,
+    )
+
+
+# The three setups of issue 5 (also the bench's), then the edge cases.
+SETUPS = {
+    "mixed_B2_S4k_8img_2vid": dict(batch=2, seq=4096, images=8, videos=2, frames=8),
+    "batch_B4_S8k_16img_4vid": dict(batch=4, seq=8192, images=16, videos=4, frames=8),
+    "video_B1_S16k_8vid_T16": dict(batch=1, seq=16384, images=0, videos=8, frames=16, frame_side=(12, 20)),
+}
+EDGES = {
+    "no_vision_grids_none_mask": dict(batch=3, seq=300, images=0, videos=0, padding="mixed", grids=False),
+    "no_vision_grids_none_nomask": dict(batch=3, seq=300, images=0, videos=0, grids=False),
+    "no_vision_empty_grids": dict(batch=3, seq=300, images=0, videos=0, padding="right"),
+    "no_mask": dict(batch=3, seq=2048, images=5, videos=2, frames=3),
+    "ragged_left": dict(batch=4, seq=2048, images=6, videos=3, frames=4, padding="left"),
+    "ragged_right": dict(batch=4, seq=2048, images=6, videos=3, frames=4, padding="right"),
+    "ragged_mixed": dict(batch=5, seq=2048, images=3, videos=4, frames=2, padding="mixed"),
+    "some_rows_text_only": dict(batch=6, seq=1024, images=2, videos=1, frames=2, padding="mixed"),
+    "images_only": dict(batch=2, seq=2048, images=6, videos=0, padding="left"),
+    "videos_only": dict(batch=2, seq=2048, images=0, videos=3, frames=5, padding="right"),
+}
+VARIANTS = ("qwen3_vl", "qwen2_vl", "qwen2_5_vl")
+
+
+def device_path(input_ids, **kw):
+    """The sync-free torch path that serves GPU tensors, forced on CPU tensors."""
+    call = positions._validate(
+        input_ids, kw.pop("image_grid_thw", None), kw.pop("video_grid_thw", None), kw.pop("attention_mask", None),
+        kw.pop("spatial_merge_size", MERGE), kw.pop("image_token_id"), kw.pop("video_token_id"),
+        kw.pop("vision_start_token_id"), kw.pop("variant", "qwen3_vl"), kw.pop("second_per_grid_ts", None),
+        kw.pop("tokens_per_second", 2), kw.pop("truncate_seconds", True), kw.pop("validate", True),
+    )
+    assert not kw, kw
+    return call if isinstance(call, tuple) else positions._device(call)
+
+
+def assert_same(got, want):
+    for g, w, name in zip(got, want, ("position_ids", "mrope_position_deltas")):
+        assert g.dtype == w.dtype, f"{name}: dtype {g.dtype} != {w.dtype}"
+        assert g.shape == w.shape, f"{name}: shape {tuple(g.shape)} != {tuple(w.shape)}"
+        if not torch.equal(g, w):
+            bad = (g != w).nonzero()[0].tolist()
+            raise AssertionError(f"{name}: first difference at {bad}: {g[tuple(bad)]} != {w[tuple(bad)]}")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", list(SETUPS) + list(EDGES))
+def test_matches_loop(case, variant):
+    spec = dict(SETUPS.get(case) or EDGES[case])
+    if case in SETUPS:
+        spec["padding"] = "mixed"  # the issue's setups, with ragged rows on top
+    batch = make_batch(**spec, variant=variant, seed=zlib.crc32(case.encode()) % 1000)
+    want = rope_index_loop(batch.input_ids, **batch.kwargs())
+    assert_same(positions.rope_index(batch.input_ids, **batch.kwargs()), want)  # host (NumPy) path
+    assert_same(device_path(batch.input_ids, **batch.kwargs()), want)  # the GPU path, run on CPU
+
+
+def with_holes(batch: Batch, holes: int, seed: int) -> Batch:
+    """Insert padded columns inside every row: right after a vision_start, inside a vision run,
+    and at random places (transformers compacts rows through the mask, so positions must not
+    change for the unpadded tokens)."""
+    rng = random.Random(seed)
+    rows, masks = [], []
+    for row in batch.input_ids.tolist():
+        starts = [i for i, tok in enumerate(row) if tok == VISION_START]
+        cuts = [starts[0] + 1, starts[-1] + 3] if starts else []
+        cuts += [rng.randrange(1, len(row)) for _ in range(holes - len(cuts))]
+        new_row, mask = list(row), [1] * len(row)
+        for cut in sorted(cuts, reverse=True):
+            new_row.insert(cut, PAD)
+            mask.insert(cut, 0)
+        rows.append(new_row)
+        masks.append(mask)
+    return Batch(torch.tensor(rows), torch.tensor(masks), batch.image_grid_thw, batch.video_grid_thw,
+                 batch.second_per_grid_ts, batch.variant)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_padding_inside_rows(variant, monkeypatch):
+    batch = with_holes(make_batch(3, 1500, 4, 3, frames=3, variant=variant, seed=9), holes=12, seed=9)
+    want = rope_index_loop(batch.input_ids, **batch.kwargs())
+    assert_same(device_path(batch.input_ids, **batch.kwargs()), want)
+    fallbacks = []
+    real = positions._device
+    monkeypatch.setattr(positions, "_device", lambda call: fallbacks.append(1) or real(call))
+    assert_same(positions.rope_index(batch.input_ids, **batch.kwargs()), want)
+    assert fallbacks == [1]  # the host path handed the interrupted groups to the general path
+
+
+@pytest.mark.parametrize("case", list(SETUPS))
+def test_setups_without_mask(case):
+    batch = make_batch(**SETUPS[case], seed=7)
+    assert batch.attention_mask is None
+    assert_same(positions.rope_index(batch.input_ids, **batch.kwargs()), rope_index_loop(batch.input_ids, **batch.kwargs()))
+
+
+@pytest.mark.parametrize("truncate", [True, False])
+@pytest.mark.parametrize("tokens_per_second", [2, 4, 2.0, 25])
+def test_qwen2_5_seconds(truncate, tokens_per_second):
+    batch = make_batch(3, 2048, 2, 5, frames=6, variant="qwen2_5_vl", padding="mixed", seed=3,
+                       seconds=(0.5, 1 / 3, 1.5, 2.0, 0.083))
+    kw = batch.kwargs(tokens_per_second=tokens_per_second, truncate_seconds=truncate)
+    assert_same(positions.rope_index(batch.input_ids, **kw), rope_index_loop(batch.input_ids, **kw))
+    kw["second_per_grid_ts"] = None  # transformers' default: 1.0 per video
+    assert_same(positions.rope_index(batch.input_ids, **kw), rope_index_loop(batch.input_ids, **kw))
+    kw["second_per_grid_ts"] = batch.second_per_grid_ts.double()
+    assert_same(positions.rope_index(batch.input_ids, **kw), rope_index_loop(batch.input_ids, **kw))
+
+
+def test_fractional_seconds_change_positions():
+    """The truncation flag is not a no-op: 0.5 s per grid truncates to 0 (all frames at t=0)."""
+    batch = make_batch(1, 512, 0, 1, frames=4, variant="qwen2_5_vl", seconds=(0.5,))
+    kw = batch.kwargs()
+    trunc = positions.rope_index(batch.input_ids, **kw)[0]
+    exact = positions.rope_index(batch.input_ids, **kw, truncate_seconds=False)[0]
+    video = batch.input_ids[0] == VIDEO
+    base = trunc[0, 0, video].min()
+    assert set((trunc[0, 0, video] - base).tolist()) == {0}
+    assert set((exact[0, 0, video] - base).tolist()) == {0, 1, 2, 3}
+
+
+def test_int32_ids_and_bool_mask():
+    batch = make_batch(3, 1024, 3, 2, frames=3, padding="mixed", seed=11)
+    kw = batch.kwargs(attention_mask=batch.attention_mask.bool())
+    got = positions.rope_index(batch.input_ids.to(torch.int32), **kw)
+    # positions come in input_ids' dtype, as transformers declares (its own loop cannot write
+    # int64 row positions into an int32 tensor, so compare against the int64 run)
+    assert got[0].dtype == torch.int32 and got[1].dtype == torch.int64
+    want = rope_index_loop(batch.input_ids, **kw)
+    assert_same((got[0].long(), got[1]), want)
+
+
+def test_exported_names():
+    assert mrope.rope_index is positions.rope_index
+    assert rb.positions.rope_index is positions.rope_index
+
+
+# ------------------------------------------------------------------ no host reads ----------------
+SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "repeat_interleave", "item"}
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the ops that read device memory on the host on a GPU (``.item()``, ``.tolist()``,
+    boolean indexing, data-dependent output sizes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        bool_index = name == "index" and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else [])
+            if i is not None
+        )
+        if name in SYNCING_OPS or bool_index:
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_host_reads(variant):
+    batch = make_batch(3, 2048, 4, 2, frames=4, variant=variant, padding="mixed", seed=5)
+    with _HostReads() as mode:  # the path GPU tensors take
+        device_path(batch.input_ids, **batch.kwargs(validate=False))
+    assert mode.reads == []
+    with _HostReads() as mode:  # validation: exactly one read of one bool
+        device_path(batch.input_ids, **batch.kwargs(validate=True))
+    assert mode.reads == ["_local_scalar_dense"]
+    with _HostReads() as mode:  # the oracle, for contrast: reads per row, image and frame
+        rope_index_loop(batch.input_ids, **batch.kwargs())
+    assert len(mode.reads) > 20
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_runs_on_meta(variant):
+    """Every shape is known without reading data: the whole computation runs on the meta device."""
+    batch = make_batch(2, 512, 2, 1, frames=2, variant=variant, padding="left", seed=2).to("meta")
+    pos, deltas = positions.rope_index(batch.input_ids, **batch.kwargs(validate=False))  # meta: the device path
+    assert pos.shape == (3, 2, 512) and deltas.shape == (2, 1) and pos.device.type == "meta"
+
+
+# ------------------------------------------------------------------ errors -----------------------
+@pytest.mark.parametrize("path", ["host", "device"])
+def test_errors(path, monkeypatch):
+    batch = make_batch(2, 512, 2, 1, frames=2, padding="right", seed=4)
+    ids, kw = batch.input_ids, batch.kwargs()
+    if path == "device":
+        monkeypatch.setattr(positions, "_host", lambda call: positions._device(positions._with_validation(call)))
+    with pytest.raises(ValueError, match="image_grid_thw: expected a row for each of the 2 images"):
+        positions.rope_index(ids, **{**kw, "image_grid_thw": batch.image_grid_thw[:1]})
+    with pytest.raises(ValueError, match="video_grid_thw: expected grids for the 2 video frames"):
+        positions.rope_index(ids, **{**kw, "video_grid_thw": batch.video_grid_thw * torch.tensor([0, 1, 1]) + torch.tensor([1, 0, 0])})
+    with pytest.raises(ValueError, match="input_ids: expected every image/video token"):
+        grid = batch.image_grid_thw.clone()
+        grid[0, 1] += 2 * MERGE  # the grid now wants more tokens than the run has
+        positions.rope_index(ids, **{**kw, "image_grid_thw": grid})
+    stray = ids.clone()
+    stray[0, (batch.attention_mask[0] == 1).nonzero()[-1]] = IMAGE  # an image token outside a group
+    with pytest.raises(ValueError, match="input_ids: expected every image/video token"):
+        positions.rope_index(stray, **kw)
+    with pytest.raises(ValueError, match="spatial_merge_size=2"):
+        positions.rope_index(ids, **{**kw, "image_grid_thw": batch.image_grid_thw * torch.tensor([1, 0, 1])})
+    with pytest.raises(ValueError, match="variant: expected one of"):
+        positions.rope_index(ids, **{**kw, "variant": "qwen4"})
+    with pytest.raises(ValueError, match=r"input_ids: expected shape \[B, S\]"):
+        positions.rope_index(ids[0], **kw)
+    with pytest.raises(TypeError, match="input_ids: expected an integer dtype"):
+        positions.rope_index(ids.float(), **kw)
+    with pytest.raises(ValueError, match=r"image_grid_thw: expected shape \[num, 3\]"):
+        positions.rope_index(ids, **{**kw, "image_grid_thw": batch.image_grid_thw[:, :2]})
+    with pytest.raises(ValueError, match="attention_mask: expected shape"):
+        positions.rope_index(ids, **{**kw, "attention_mask": batch.attention_mask[:, :-1]})
+    with pytest.raises(ValueError, match="second_per_grid_ts: only used by variant 'qwen2_5_vl'"):
+        positions.rope_index(ids, **{**kw, "second_per_grid_ts": torch.ones(1)})
+    with pytest.raises(ValueError, match=r"second_per_grid_ts: expected shape \(1,\)"):
+        positions.rope_index(ids, **{**kw, "variant": "qwen2_5_vl", "second_per_grid_ts": torch.ones(3)})
+    with pytest.raises(TypeError, match="image_token_id: expected an int"):
+        positions.rope_index(ids, **{**kw, "image_token_id": 1002.0})
+
+
+# ------------------------------------------------------------------ the oracle vs transformers ---
+def _transformers_4():
+    transformers = pytest.importorskip("transformers")
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        pytest.skip(f"transformers {transformers.__version__}: the 5.x get_rope_index takes mm_token_type_ids")
+    return transformers
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_oracle_matches_installed_transformers(variant):
+    """Optional: runs where a transformers 4.x is importable (checked with 4.57.6)."""
+    _transformers_4()
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
+
+    model = {"qwen3_vl": Qwen3VLModel, "qwen2_vl": Qwen2VLModel, "qwen2_5_vl": Qwen2_5_VLModel}[variant]
+    vision = SimpleNamespace(spatial_merge_size=MERGE, tokens_per_second=2)
+    fake = SimpleNamespace(config=SimpleNamespace(vision_config=vision, **IDS))
+    for case, spec in list(EDGES.items())[2:] + [("mixed", SETUPS["mixed_B2_S4k_8img_2vid"])]:
+        batch = make_batch(**spec, variant=variant, seed=1)
+        kw = dict(image_grid_thw=batch.image_grid_thw, video_grid_thw=batch.video_grid_thw, attention_mask=batch.attention_mask)
+        if variant == "qwen2_5_vl":
+            kw["second_per_grid_ts"] = batch.second_per_grid_ts
+        theirs = model.get_rope_index(fake, batch.input_ids.clone(), **{k: (v.clone() if v is not None else v) for k, v in kw.items()})
+        assert_same(rope_index_loop(batch.input_ids, **batch.kwargs()), theirs)
+        assert_same(positions.rope_index(batch.input_ids, **batch.kwargs()), theirs)
