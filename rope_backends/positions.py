@@ -437,10 +437,12 @@ def _host(call: _Call) -> tuple[Tensor, Tensor]:
     ):
         _bad_grids(call, n_frames, n_start_img, n_start_vid)
     if n_start_vid:
-        vid_no = np.cumsum(kind_vid) - 1
+        videos_so_far = np.cumsum(kind_vid)
+        vid_no = videos_so_far - 1
         if call.variant == "qwen3_vl":
             vid_no = np.searchsorted(np.cumsum(videos[:, 0]), vid_no, side="right")
-        code = np.where(kind_vid, n_img + vid_no, np.cumsum(~kind_vid) - 1)
+        # an image's number = groups before it - videos before it
+        code = np.where(kind_vid, n_img + vid_no, np.arange(len(at)) - videos_so_far)
     else:
         code = np.arange(len(at))
     g_t, g_h, g_w = g_t[code], g_h[code], g_w[code]
@@ -471,12 +473,12 @@ def _host(call: _Call) -> tuple[Tensor, Tensor]:
     # vision tokens: each group's L tokens from its first column on, offset o = 0..L-1
     total = int(length.sum())
     gid = np.repeat(np.arange(len(at)), length)
-    ends = np.cumsum(length)
     offset = np.arange(total, dtype=np.int64)
-    offset -= (ends - length)[gid]
+    offset -= (np.cumsum(length) - length)[gid]
     where = at[gid] + offset  # flat index of every vision token
     # a group must end inside its row and before the next group starts
-    if len(at) and (((at + length - 1) // s != at // s).any() or (at[1:] < at[:-1] + length[:-1]).any()):
+    ends = at + length  # flat index one past each group
+    if len(at) and (((ends - 1) // s != at // s).any() or (at[1:] < ends[:-1]).any()):
         return _device(_with_validation(call))
     if ((flat_ids[where] == call.video_id) != np.repeat(kind_vid, length)).any() or (
         flat_valid is not None and not flat_valid[where].all()
