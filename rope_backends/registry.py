@@ -96,6 +96,7 @@ class BackendInfo:
 _REGISTRY: dict[str, Backend] = {}
 _SELECTED: dict[tuple, Backend] = {}
 _SKIP_LOGGED: set[tuple] = set()
+_GENERATION = [0]  # bumped on every (un)registration: a selection begun before it is not cached
 
 
 def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
@@ -105,6 +106,7 @@ def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
     if backend.name in _REGISTRY and not replace:
         raise ValueError(f"backend: expected a new name, got {backend.name!r} which is registered (pass replace=True)")
     _REGISTRY[backend.name] = backend
+    _GENERATION[0] += 1
     _SELECTED.clear()
     return backend
 
@@ -114,6 +116,7 @@ def unregister_backend(name: str) -> None:
     if name not in _REGISTRY:
         raise ValueError(f"name: expected a registered backend {sorted(_REGISTRY)}, got {name!r}")
     del _REGISTRY[name]
+    _GENERATION[0] += 1
     _SELECTED.clear()
 
 
@@ -171,6 +174,7 @@ def select(device_type: str, args: RopeArgs | None, requested: str | None = None
     hit = _SELECTED.get(key)
     if hit is not None:
         return hit
+    generation = _GENERATION[0]
     if requested is not None:
         b = _REGISTRY.get(requested)
         if b is None:
@@ -184,7 +188,8 @@ def select(device_type: str, args: RopeArgs | None, requested: str | None = None
                 f"{source}: expected a backend that can run this call, got {requested!r}: {reason}; "
                 f"candidates for device type {device_type!r}:\n{_candidates_report(device_type, args)}"
             )
-        _SELECTED[key] = b
+        if _GENERATION[0] == generation:
+            _SELECTED[key] = b
         return b
     chosen = None
     for b in sorted(_REGISTRY.values(), key=lambda b: (-b.priority, b.name)):
@@ -200,5 +205,6 @@ def select(device_type: str, args: RopeArgs | None, requested: str | None = None
             f"{source}: expected a backend that can run this call on device type {device_type!r}, got none; "
             f"candidates:\n{_candidates_report(device_type, args)}"
         )
-    _SELECTED[key] = chosen
+    if _GENERATION[0] == generation:
+        _SELECTED[key] = chosen
     return chosen

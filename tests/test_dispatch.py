@@ -1,0 +1,439 @@
+"""Dispatch: precedence (argument > use_backend > ROPE_BACKEND > priority), ROPE_BACKEND parsing,
+per-tensor-device selection, the selection cache across run-time registration, error messages
+listing candidates, entry-point plug-ins, platform detection by simulation, and use_backend
+contexts in concurrent threads and asyncio tasks. Fake backends count their calls to prove which
+path ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.machinery
+import sys
+import threading
+import types
+from collections import Counter
+
+import pytest
+import torch
+
+import rope_backends as rb
+from rope_backends import override, platform, reference, registry
+from rope_backends.registry import Backend
+
+backends_module = importlib.import_module("rope_backends.backends")
+
+
+class Fakes:
+    """Registers counting backends (forward = the reference) and removes them afterwards."""
+
+    def __init__(self):
+        self.calls: Counter[str] = Counter()
+        self.names: list[str] = []
+
+    def add(self, name, device_types=("cpu",), priority=50, **kw):
+        def forward(args, _name=name):
+            self.calls[_name] += 1
+            return reference.run(args)
+
+        rb.register_backend(Backend(name=name, device_types=tuple(device_types), priority=priority, forward=forward, **kw))
+        self.names.append(name)
+        return name
+
+    def remove(self, name):
+        rb.unregister_backend(name)
+        self.names.remove(name)
+
+    def cleanup(self):
+        for n in list(self.names):
+            self.remove(n)
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    monkeypatch.delenv("ROPE_BACKEND", raising=False)
+    f = Fakes()
+    yield f
+    f.cleanup()
+
+
+def _xcs(device="cpu"):
+    x = torch.randn(4, 2, 16, device=device)
+    cos, sin = rb.cos_sin(torch.arange(4), 16)
+    return x, cos[:, None].to(device), sin[:, None].to(device)
+
+
+def _which(fakes, fn):
+    before = fakes.calls.copy()
+    fn()
+    diff = fakes.calls - before
+    return next(iter(diff)) if diff else "eager"
+
+
+# ---- precedence ----------------------------------------------------------------------------
+
+def test_precedence(fakes, monkeypatch):
+    for n, p in (("rb_a", 10), ("rb_b", 5), ("rb_c", 7), ("rb_d", 1)):
+        fakes.add(n, priority=p)
+    x, c, s = _xcs()
+    assert _which(fakes, lambda: rb.apply(x, c, s)) == "rb_a"  # priority
+    monkeypatch.setenv("ROPE_BACKEND", "rb_b")
+    assert _which(fakes, lambda: rb.apply(x, c, s)) == "rb_b"  # env beats priority
+    with rb.use_backend("rb_c"):
+        assert _which(fakes, lambda: rb.apply(x, c, s)) == "rb_c"  # context beats env
+        assert _which(fakes, lambda: rb.apply(x, c, s, backend="rb_d")) == "rb_d"  # argument beats all
+        assert _which(fakes, lambda: rb.apply(x, c, s, backend="eager")) == "eager"
+    assert _which(fakes, lambda: rb.apply(x, c, s)) == "rb_b"  # context restored
+    monkeypatch.delenv("ROPE_BACKEND")
+    assert _which(fakes, lambda: rb.apply(x, c, s)) == "rb_a"
+
+
+def test_precedence_for_every_entry_point(fakes):
+    fakes.add("rb_a", priority=10)
+    fakes.add("rb_b", priority=5)
+    q, k = torch.randn(5, 4, 16), torch.randn(5, 2, 16)
+    cos, sin = rb.cos_sin(torch.arange(5), 16)
+    cache = rb.cos_sin_cache(8, 16)
+    pos = torch.arange(5)
+    assert _which(fakes, lambda: rb.apply_qk(q, k, cos[:, None], sin[:, None])) == "rb_a"
+    assert _which(fakes, lambda: rb.apply_cached(q, k, pos, cache)) == "rb_a"
+    with rb.use_backend("rb_b"):
+        assert _which(fakes, lambda: rb.apply_qk(q, k, cos[:, None], sin[:, None])) == "rb_b"
+        assert _which(fakes, lambda: rb.apply_cached(q, k, pos, cache)) == "rb_b"
+
+
+def test_autograd_and_forward_backward_on_the_same_backend(fakes):
+    fakes.add("rb_a", priority=10)
+    x, c, s = _xcs()
+    x.requires_grad_()
+    with rb.use_backend("rb_a"):
+        out = rb.apply(x, c, s)
+    assert fakes.calls["rb_a"] == 1
+    out.sum().backward()  # outside the context: the backward still runs where the forward did
+    assert fakes.calls["rb_a"] == 2
+
+
+def test_per_device_overrides(fakes, monkeypatch):
+    fakes.add("rb_a", priority=10)
+    fakes.add("rb_b", priority=5)
+    x, c, s = _xcs()
+    monkeypatch.setenv("ROPE_BACKEND", "cuda:eager,npu:npu")
+    assert _which(fakes, lambda: rb.apply(x, c, s)) == "rb_a"  # cpu not named: automatic
+    monkeypatch.setenv("ROPE_BACKEND", "cuda:eager, cpu:rb_b")
+    assert _which(fakes, lambda: rb.apply(x, c, s)) == "rb_b"
+    with rb.use_backend({"cuda": "eager"}):  # cpu not named in the context: falls to env
+        assert _which(fakes, lambda: rb.apply(x, c, s)) == "rb_b"
+    with rb.use_backend("cpu:eager,cuda:rb_a"):
+        assert _which(fakes, lambda: rb.apply(x, c, s)) == "eager"
+
+
+def test_env_parsing():
+    assert override.parse("eager") == {"*": "eager"}
+    assert override.parse("cuda:eager,npu:npu") == {"cuda": "eager", "npu": "npu"}
+    assert override.parse(" cuda : triton , cpu:eager ,") == {"cuda": "triton", "cpu": "eager"}
+    assert override.parse({"cuda": "triton"}) == {"cuda": "triton"}
+    for bad in ("", ",", "cuda:", ":eager", "cuda:eager,:x"):
+        with pytest.raises(ValueError, match="^ROPE_BACKEND:"):
+            override.parse(bad, "ROPE_BACKEND")
+    with pytest.raises(TypeError, match="^use_backend:"):
+        override.parse(3, "use_backend")
+
+
+# ---- per-tensor device, cache, errors ------------------------------------------------------------
+
+def test_cpu_tensors_go_to_eager_despite_a_higher_priority_gpu_backend(fakes):
+    fakes.add("rb_fake_cuda", device_types=("cuda",), priority=1000)
+    x, c, s = _xcs()
+    assert _which(fakes, lambda: rb.apply(x, c, s)) == "eager"
+    assert registry.select("cuda", None).name == "rb_fake_cuda"
+    assert registry.select("cpu", None).name != "rb_fake_cuda"
+
+
+def test_dispatch_follows_the_tensors_device(fakes):
+    """Meta tensors stand in for a second device type: each call goes by its own tensors."""
+    fakes.add("rb_fake_meta", device_types=("meta",), priority=1000)
+    x, c, s = _xcs()
+    xm, cm, sm = _xcs("meta")
+    assert _which(fakes, lambda: rb.apply(xm, cm, sm)) == "rb_fake_meta"
+    assert _which(fakes, lambda: rb.apply(x, c, s)) == "eager"
+    assert _which(fakes, lambda: rb.apply(xm, cm, sm)) == "rb_fake_meta"
+
+
+def test_selection_cache_follows_registration(fakes):
+    x, c, s = _xcs()
+    assert _which(fakes, lambda: rb.apply(x, c, s, backend=None)) == "eager"
+    fakes.add("rb_late", priority=10_000)
+    assert _which(fakes, lambda: rb.apply(x, c, s)) == "rb_late"
+    fakes.remove("rb_late")
+    assert _which(fakes, lambda: rb.apply(x, c, s)) == "eager"
+    fakes.add("rb_late", priority=10_000)
+    rb.register_backend(Backend(name="rb_late", device_types=("cuda",), priority=10_000,
+                                forward=reference.run), replace=True)
+    assert _which(fakes, lambda: rb.apply(x, c, s)) == "eager"
+
+
+def test_supports_is_honoured_and_cached_by_feature(fakes):
+    fakes.add("rb_fp32_only", priority=10_000,
+              supports=lambda args: None if args.tensors[0].dtype == torch.float32 else "fp32 only")
+    x, c, s = _xcs()
+    assert _which(fakes, lambda: rb.apply(x, c, s)) == "rb_fp32_only"
+    assert _which(fakes, lambda: rb.apply(x.half(), c, s)) == "eager"
+    with pytest.raises(ValueError, match="^backend: expected a backend that can run this call.*fp32 only"):
+        rb.apply(x.half(), c, s, backend="rb_fp32_only")
+
+
+def test_errors_list_the_candidates(fakes):
+    fakes.add("rb_broken", priority=1, probe=lambda: "needs the moon")
+    fakes.add("rb_raising", priority=2, probe=lambda: 1 / 0)
+    x, c, s = _xcs()
+    with pytest.raises(ValueError) as info:
+        rb.apply(x, c, s, backend="rb_nope")
+    msg = str(info.value)
+    assert msg.startswith("backend: expected a registered backend name, got 'rb_nope'")
+    for b in rb.backends():
+        assert f"  {b.name}: " in msg
+    assert "needs the moon" in msg and "ZeroDivisionError" in msg
+    with pytest.raises(ValueError, match="rb_broken.*unavailable: needs the moon"):
+        rb.apply(x, c, s, backend="rb_broken")
+    infos = {b.name: b for b in rb.backends()}
+    assert infos["rb_broken"].available is False and infos["rb_broken"].reason == "needs the moon"
+    assert infos["eager"].available and infos["eager"].device_types == ("*",)
+
+
+def test_no_backend_for_a_device_type(fakes, monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", {})
+    monkeypatch.setattr(registry, "_SELECTED", {})
+    with pytest.raises(ValueError, match="^backend: expected a backend that can run this call on device type 'cpu', got none"):
+        registry.select("cpu", None)
+
+
+def test_register_backend_validation():
+    with pytest.raises(TypeError, match="^backend:"):
+        rb.register_backend("eager")
+    with pytest.raises(ValueError, match="^backend: expected a new name"):
+        rb.register_backend(Backend(name="eager", device_types=("*",), priority=0, forward=reference.run))
+    with pytest.raises(ValueError, match="^name:"):
+        Backend(name="a:b", device_types=("cpu",), priority=0, forward=reference.run)
+    with pytest.raises(TypeError, match="^device_types:"):
+        Backend(name="a", device_types="cpu", priority=0, forward=reference.run)
+    with pytest.raises(TypeError, match="^priority:"):
+        Backend(name="a", device_types=("cpu",), priority=1.5, forward=reference.run)
+    with pytest.raises(TypeError, match="^forward:"):
+        Backend(name="a", device_types=("cpu",), priority=1, forward=None)
+    with pytest.raises(ValueError, match="^name:"):
+        rb.unregister_backend("rb_never_registered")
+
+
+def test_explicit_device_types_serve_only_when_named(fakes):
+    fakes.add("rb_explicit_cpu", device_types=("cuda",), priority=10_000, explicit_device_types=lambda: ("cpu",))
+    x, c, s = _xcs()
+    assert _which(fakes, lambda: rb.apply(x, c, s)) == "eager"
+    assert _which(fakes, lambda: rb.apply(x, c, s, backend="rb_explicit_cpu")) == "rb_explicit_cpu"
+
+
+# ---- entry-point plug-ins --------------------------------------------------------------------
+
+class _EntryPoint:
+    def __init__(self, name, target):
+        self.name, self._target = name, target
+
+    def load(self):
+        if isinstance(self._target, Exception):
+            raise self._target
+        return self._target
+
+
+def test_entry_point_plugins(monkeypatch, fakes):
+    module = types.ModuleType("rb_plugin_module")
+
+    def register_fn():
+        fakes.add("rb_plugin_fn", priority=-5)
+
+    eps = [
+        _EntryPoint("fn", register_fn),  # a callable: called
+        _EntryPoint("module", module),  # a module: imported for its side effect, not called
+        _EntryPoint("broken", ImportError("no such module rb_missing")),
+    ]
+    seen_groups = []
+
+    def fake_entry_points(group):
+        seen_groups.append(group)
+        return eps
+
+    monkeypatch.setattr(backends_module, "entry_points", fake_entry_points)
+    monkeypatch.setattr(backends_module, "plugin_errors", {})
+    backends_module.load_plugins()
+    assert seen_groups == ["rope_backends.backends"]
+    assert "rb_plugin_fn" in {b.name for b in rb.backends()}
+    assert backends_module.plugin_errors == {"broken": "ImportError: no such module rb_missing"}
+    x, c, s = _xcs()
+    assert _which(fakes, lambda: rb.apply(x, c, s, backend="rb_plugin_fn")) == "rb_plugin_fn"
+
+
+# ---- platform simulation ---------------------------------------------------------------------
+
+def _fake_gpus(monkeypatch, n=2, name="Fake GPU"):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: f"{name} {i}")
+
+
+def test_detect_nvidia(monkeypatch):
+    _fake_gpus(monkeypatch, 2, "NVIDIA H100")
+    monkeypatch.setattr(torch.version, "hip", None)
+    p = platform.detect()
+    assert p.gpu_vendor == "nvidia" and platform.gpu_vendor() == "nvidia"
+    assert p.gpu_count == 2 and p.gpu_names == ("NVIDIA H100 0", "NVIDIA H100 1")
+    assert p.device_types()[:2] == ("cpu", "cuda")
+
+
+def test_detect_rocm(monkeypatch):
+    _fake_gpus(monkeypatch, 1, "AMD Instinct MI300X")
+    monkeypatch.setattr(torch.version, "hip", "6.2.41133")
+    p = platform.detect()
+    assert p.gpu_vendor == "rocm" and "cuda" in p.device_types()
+
+
+def test_detect_no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert platform.gpu_vendor() is None and platform.detect().gpu_count == 0
+
+
+def test_detect_ascend(monkeypatch):
+    fake = types.ModuleType("torch_npu")
+    fake.__spec__ = importlib.machinery.ModuleSpec("torch_npu", None)
+    fake.__version__ = "2.5.1.post1"
+    npu = types.SimpleNamespace(is_available=lambda: True, device_count=lambda: 8)
+    monkeypatch.setitem(sys.modules, "torch_npu", fake)
+    monkeypatch.setattr(torch, "npu", npu, raising=False)
+    assert platform.torch_npu_version() == "2.5.1.post1"
+    assert platform.npu_available()
+    p = platform.detect()
+    assert p.npu_count == 8 and "npu" in p.device_types()
+
+
+def test_detect_without_torch_npu(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_npu", None)  # import torch_npu fails
+    assert platform.torch_npu_version() is None and not platform.npu_available()
+
+
+def test_interpreter_and_simulation_flags(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("ROPE_BACKENDS_SIMULATE_NPU", "0")
+    assert platform.triton_interpret() and not platform.simulated_npu()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("ROPE_BACKENDS_SIMULATE_NPU", "1")
+    assert not platform.triton_interpret() and platform.simulated_npu()
+
+
+# ---- concurrency ---------------------------------------------------------------------------
+
+def test_threads_each_get_their_own_backend(fakes):
+    names = [fakes.add(f"rb_thread_{i}", priority=-10 - i) for i in range(4)]
+    per_thread: dict[str, Counter] = {}
+    barrier = threading.Barrier(len(names))
+    errors = []
+    lock = threading.Lock()
+
+    def forward_for(name):
+        def fwd(args):
+            with lock:
+                per_thread.setdefault(threading.current_thread().name, Counter())[name] += 1
+            return reference.run(args)
+        return fwd
+
+    for n in names:
+        rb.register_backend(Backend(name=n, device_types=("cpu",), priority=-10, forward=forward_for(n)), replace=True)
+
+    def work(name):
+        try:
+            x, c, s = _xcs()
+            with rb.use_backend(name):
+                barrier.wait()
+                for _ in range(50):
+                    rb.apply(x, c, s)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,), name=n) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert per_thread == {n: Counter({n: 50}) for n in names}
+
+
+def test_asyncio_tasks_each_get_their_own_backend(fakes):
+    names = [fakes.add(f"rb_task_{i}", priority=-10 - i) for i in range(3)]
+    log: list[tuple[str, str]] = []
+
+    def forward_for(name):
+        def fwd(args):
+            log.append((asyncio.current_task().get_name(), name))
+            return reference.run(args)
+        return fwd
+
+    for n in names:
+        rb.register_backend(Backend(name=n, device_types=("cpu",), priority=-10, forward=forward_for(n)), replace=True)
+
+    async def task(name):
+        x, c, s = _xcs()
+        with rb.use_backend(name):
+            for _ in range(20):
+                rb.apply(x, c, s)
+                await asyncio.sleep(0)  # interleave with the other tasks inside the context
+
+    async def main():
+        await asyncio.gather(*(asyncio.create_task(task(n), name=n) for n in names))
+
+    asyncio.run(main())
+    assert len(log) == 60 and all(task_name == backend for task_name, backend in log)
+    # the interleaving really happened
+    assert len({log[i][1] for i in range(len(names))}) == len(names)
+
+
+def test_registration_while_threads_dispatch(fakes):
+    """Run-time (un)registration from one thread while others dispatch: every call succeeds and
+    goes to a backend that was registered at that moment."""
+    x, c, s = _xcs()
+    stop = threading.Event()
+    errors = []
+
+    def caller():
+        try:
+            while not stop.is_set():
+                rb.apply(x, c, s)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for i in range(50):
+        fakes.add("rb_churn", priority=10_000)
+        fakes.remove("rb_churn")
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_cache_not_poisoned_by_a_concurrent_unregistration(fakes):
+    """Another thread unregisters a backend while this one is selecting it (simulated
+    deterministically from inside the probe): the stale choice must not stay cached."""
+    state = {"first": True}
+
+    def probe():
+        if state["first"]:
+            state["first"] = False
+            fakes.remove("rb_vanishing")
+        return None
+
+    fakes.add("rb_vanishing", priority=10_000, probe=probe)
+    x, c, s = _xcs()
+    rb.apply(x, c, s)  # began while it was registered: may still run there
+    assert _which(fakes, lambda: rb.apply(x, c, s)) == "eager"
+    assert registry.select("cpu", None).name != "rb_vanishing"

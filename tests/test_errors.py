@@ -1,0 +1,74 @@
+"""The bad-input catalogue (spec section 5, ``rope_backends.testing.error_cases()``): each bad
+call raises its documented type with a message that starts with the argument's name and says what
+was expected and what came; the same message whichever backend would have run; and no input
+(in-place target included) is changed by a failing call.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rope_backends as rb
+from rope_backends.testing import check_error_case, error_cases
+from rope_backends.testing.cases import ErrorCase
+
+
+def test_error_case(target, error_case):
+    check_error_case(error_case, target.backend, target.device)
+
+
+@pytest.mark.parametrize("error_case", error_cases(), ids=lambda e: e.name)
+def test_same_error_whichever_backend(error_case: ErrorCase, runnable_targets):
+    """Validation comes before backend selection: every runnable backend gives the same message."""
+    by_device: dict[str, dict[str, str]] = {}
+    for t in runnable_targets:
+        kind = torch.device(t.device).type
+        if error_case.device_types is not None and kind not in error_case.device_types:
+            continue
+        by_device.setdefault(t.device, {})[t.backend] = check_error_case(error_case, t.backend, t.device)
+    for device, messages in by_device.items():
+        assert len(set(messages.values())) == 1, f"{error_case.name} on {device}: messages differ {messages}"
+    # and with automatic selection (no backend named)
+    if "cpu" in by_device and not error_case.name.startswith(("backend_", "use_backend", "env_")):
+        assert check_error_case(error_case, None, "cpu") == next(iter(by_device["cpu"].values()))
+
+
+def test_catalogue_covers_spec_section_5():
+    names = {e.name for e in error_cases()}
+    required = {
+        "rotary_dim_odd", "rotary_dim_oversized", "rotary_dim_zero", "rotary_dim_float",
+        "k_dtype_mismatch", "sin_dtype_mismatch", "k_other_device", "cos_other_device",
+        "cos_not_broadcastable", "cos_wrong_last_dim", "positions_float", "positions_out_of_range",
+        "positions_out_of_range_debug", "positions_wrong_shape", "positions_3_rows_without_mrope",
+        "mrope_length_mismatch", "x_float64", "x_int", "q_2d_without_head_dim", "backend_unknown",
+        "backend_wrong_device", "env_bad_string", "layout_unknown", "inplace_expanded_view",
+        "inplace_requires_grad", "q_is_k",
+    }
+    assert required <= names, sorted(required - names)
+    assert len(names) >= 60
+
+
+def test_failed_inplace_call_leaves_inputs_untouched():
+    """A bad call caught after some arguments were looked at writes nothing (explicitly, on the
+    inputs that would have been rotated)."""
+    q = torch.randn(6, 4, 16)
+    k = torch.randn(6, 2, 16)
+    q0, k0 = q.clone(), k.clone()
+    cache = rb.cos_sin_cache(16, 16)
+    bad_positions = torch.tensor([0, 1, 2, 3, 4, 16])
+    with pytest.raises(ValueError, match="^positions:"):
+        rb.apply_cached(q, k, bad_positions, cache)
+    assert torch.equal(q.view(torch.int32), q0.view(torch.int32))
+    assert torch.equal(k.view(torch.int32), k0.view(torch.int32))
+
+
+def test_out_of_range_positions_without_debug_give_nan_on_device():
+    """Documented behaviour where the range check would cost a sync (non-CPU tensors without
+    ROPE_BACKENDS_DEBUG): the rotated part of that token is NaN, the rest is exact. Shown through
+    the reference's gather on CPU tensors, which is what every backend must match."""
+    from rope_backends.reference import cos_sin_from_cache
+
+    cache = rb.cos_sin_cache(8, 16)
+    cos, sin = cos_sin_from_cache(torch.tensor([0, 7, 8, -1]), cache, None)
+    assert not torch.isnan(cos[:2]).any() and torch.isnan(cos[2:]).all() and torch.isnan(sin[2:]).all()
