@@ -3,8 +3,9 @@
 Angles, cosines and sines are computed in float64 on the CPU and rounded once to float32, then
 moved to the requested device. Device math libraries differ in the last bit; the CPU's float64
 path is the one answer every backend shares. Scaling follows the Hugging Face
-``rope_scaling`` definitions (``linear``, ``dynamic``/``ntk``, ``llama3``, ``yarn``), evaluated
-in float64.
+``rope_scaling`` definitions (``linear``, ``dynamic`` -- HF dynamic NTK, needing
+``original_max_position_embeddings`` --, ``llama3``, ``yarn``), plus ``ntk`` (fixed NTK-aware:
+``base * factor ** (d / (d - 2))``), evaluated in float64.
 """
 
 from __future__ import annotations
@@ -43,18 +44,33 @@ def _scaling_params(scaling: Scaling) -> tuple[str, Mapping[str, object]]:
     raise TypeError(f"scaling: expected None, a float (linear factor) or a rope_scaling dict, got {type(scaling).__name__}")
 
 
-def inv_freq(rotary_dim: int, base: float = 10000.0, scaling: Scaling = None) -> tuple[Tensor, float, float]:
+def inv_freq(
+    rotary_dim: int, base: float = 10000.0, scaling: Scaling = None, seq_len: int | None = None
+) -> tuple[Tensor, float, float]:
     """float64 inverse frequencies ``[rotary_dim // 2]`` on the CPU, the position divisor
-    (linear scaling) and the attention factor that multiplies cos/sin (YaRN)."""
+    (linear scaling) and the attention factor that multiplies cos/sin (YaRN).
+
+    ``seq_len``: the longest sequence the table serves (``dynamic`` only: as in HF, the base
+    grows once ``seq_len`` exceeds the scaling dict's ``original_max_position_embeddings``)."""
     rotary_dim = _check_rotary_dim(rotary_dim)
     if not isinstance(base, (int, float)) or isinstance(base, bool) or base <= 0:
         raise ValueError(f"base: expected a positive number, got {base!r}")
     kind, p = _scaling_params(scaling)
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
     divisor, attention = 1.0, 1.0
-    if kind in ("dynamic", "ntk"):  # NTK-aware: stretch the base
+    stretch = rotary_dim / (rotary_dim - 2) if rotary_dim > 2 else 1.0
+    if kind == "ntk":  # fixed NTK-aware: stretch the base by factor ** (d / (d - 2))
+        base = base * float(p["factor"]) ** stretch
+    elif kind == "dynamic":  # HF dynamic NTK: unchanged up to the original length, then stretched
         factor = float(p["factor"])
-        base = base * factor ** (rotary_dim / (rotary_dim - 2)) if rotary_dim > 2 else base * factor
+        old = p.get("original_max_position_embeddings", p.get("max_position_embeddings"))
+        if isinstance(old, bool) or not isinstance(old, (int, float)) or old <= 0:
+            raise ValueError(
+                f"scaling: expected 'original_max_position_embeddings' (the model's max_position_embeddings) "
+                f"for rope_type 'dynamic', got {old!r}"
+            )
+        seq = max(float(seq_len) if seq_len is not None else float(old), float(old))
+        base = base * ((factor * seq / float(old)) - (factor - 1)) ** stretch
     freqs = 1.0 / (float(base) ** exponents)
     if kind == "linear":
         divisor = float(p["factor"])
@@ -104,8 +120,10 @@ def cos_sin(positions: Tensor, rotary_dim: int, base: float = 10000.0, scaling: 
         raise TypeError(f"positions: expected a torch.Tensor, got {type(positions).__name__}")
     if positions.is_complex() or positions.dtype == torch.bool:
         raise TypeError(f"positions: expected an integer or float dtype, got {positions.dtype}")
-    freqs, divisor, attention = inv_freq(rotary_dim, base, scaling)
-    pos = positions.detach().to("cpu", torch.float64) / divisor
+    host = positions.detach().to("cpu", torch.float64)
+    seq_len = int(host.max()) + 1 if host.numel() else None  # HF dynamic: max(position_ids) + 1
+    freqs, divisor, attention = inv_freq(rotary_dim, base, scaling, seq_len)
+    pos = host / divisor
     return _tables(pos.unsqueeze(-1) * freqs, attention, positions.device, torch.float32)
 
 
@@ -124,15 +142,26 @@ def cos_sin_cache(
         raise ValueError(f"max_position: expected a positive int, got {max_position!r}")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
-    freqs, divisor, attention = inv_freq(rotary_dim, base, scaling)
+    freqs, divisor, attention = inv_freq(rotary_dim, base, scaling, max_position)
     pos = torch.arange(max_position, dtype=torch.float64) / divisor
     cos, sin = _tables(pos.unsqueeze(-1) * freqs, attention, None, torch.float32)
     return torch.cat((cos, sin), dim=-1).to(dtype).to(device)
 
 
 def wan_dims(head_dim: int) -> tuple[int, int, int]:
-    """Wan 2.x split of head_dim over (frames, height, width): ``d - 4*(d//6)``, ``2*(d//6)``,
-    ``2*(d//6)`` -- (44, 42, 42) for d = 128."""
+    """Wan 2.x split of head_dim over (frames, height, width): ``t = d - 4*(d//6)`` and
+    ``h = w = 2*(d//6)`` -- (44, 42, 42) for d = 128, the head_dim of every released Wan 2.1 /
+    Wan 2.2 model. Each axis gets a whole number of rotated pairs and the frame axis takes the
+    remainder.
+
+    Matches Wan-Video/Wan2.1 and Wan2.2 ``wan/modules/model.py`` (``rope_params(1024, dim)`` per
+    axis with these widths; ``rope_apply`` splits the d/2 complex columns as
+    ``[c - 2*(c//3), c//3, c//3]``, the same thing for every even d); diffusers
+    ``WanRotaryPosEmbed``, which builds its table with these widths but re-splits it in
+    ``forward`` at ``[d - 2*(d//3), d//3, d//3]`` columns -- the same split only when
+    ``d % 6 != 4`` (so for 128, not for 64, 112 or 256); and Helios' default
+    ``rope_dim=(44, 42, 42)`` for head_dim 128 (Helios reads rope_dim from its config).
+    """
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 6 or head_dim % 2:
         raise ValueError(f"head_dim: expected an even int >= 6, got {head_dim!r}")
     return head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6)
@@ -144,15 +173,28 @@ def cos_sin_3d(
     base: float = 10000.0,
     *,
     offsets: Sequence[int] = (0, 0, 0),
+    frame_indices: Sequence[int] | Tensor | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """3-D RoPE table for a ``(frames, height, width)`` video grid, flattened frame-major.
+    """3-D RoPE table for a ``(frames, height, width)`` video grid, flattened frame-major
+    (token ``(f, y, x)`` is row ``(f * height + y) * width + x``, as Wan/Helios flatten patches).
 
-    ``dims = (t, h, w)`` splits the rotary width over the three axes (see :func:`wan_dims`);
-    each axis uses its own frequencies ``base ** (-arange(0, d_axis, 2) / d_axis)`` on its own
-    index (plus ``offsets``), and the three are concatenated per token. Returns float32
-    ``cos, sin [frames*height*width, (t + h + w) // 2]`` for ``layout="interleaved"``; index
-    ``[:, None]`` to broadcast over heads of ``[B, S, H, D]``.
+    Split rule: ``dims = (t, h, w)`` rotated widths (even; :func:`wan_dims` gives Wan's), laid
+    out frames | height | width along head_dim: pairs ``[0, t/2)`` rotate by the frame index,
+    ``[t/2, (t+h)/2)`` by the row, the rest by the column. Each axis uses its own frequencies
+    ``base ** (-arange(0, d_axis, 2) / d_axis)`` on its own index (plus ``offsets``; the frame
+    axis may instead take explicit ``frame_indices``, one per frame, as Helios' ``frame_indices``
+    / ``indices_hidden_states`` do). Angles and cos/sin are computed in float64 and rounded once.
+
+    Returns float32 ``cos, sin [frames*height*width, (t + h + w) // 2]`` (half form) for
+    ``layout="interleaved"``; index ``[:, None]`` to broadcast over the heads of ``[B, S, H, D]``.
+
+    Checked in tests/test_video_fidelity.py against formulas written from: Wan 2.1/2.2
+    ``rope_params``/``rope_apply`` (its complex128 table rounded to float32 equals this table bit
+    for bit); diffusers ``WanRotaryPosEmbed`` (float64 angles, repeat-interleaved float32 table:
+    equal bit for bit); Helios (diffusers ``HeliosRotaryPosEmbed``: same split and frequencies,
+    but inverse frequencies, angles and cos/sin computed in float32 on the model's device, so its
+    tables differ from these in the last bits).
     """
     if len(grid) != 3 or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in grid):
         raise ValueError(f"grid: expected (frames, height, width) non-negative ints, got {tuple(grid)!r}")
@@ -160,10 +202,21 @@ def cos_sin_3d(
         raise ValueError(f"dims: expected 3 even ints >= 2 (t, h, w), got {tuple(dims)!r}")
     if len(offsets) != 3 or any(isinstance(o, bool) or not isinstance(o, int) for o in offsets):
         raise ValueError(f"offsets: expected 3 ints, got {tuple(offsets)!r}")
+    index = [torch.arange(off, off + n, dtype=torch.float64) for n, off in zip(grid, offsets)]
+    if frame_indices is not None:
+        if offsets[0] != 0:
+            raise ValueError(f"offsets: expected 0 for frames when frame_indices is given, got {tuple(offsets)!r}")
+        frames = torch.as_tensor(frame_indices).detach().to("cpu")
+        if frames.dim() != 1 or frames.shape[0] != grid[0] or frames.is_complex() or frames.dtype == torch.bool:
+            raise ValueError(
+                f"frame_indices: expected {grid[0]} real numbers (one per frame), got shape {tuple(frames.shape)} "
+                f"of {frames.dtype}"
+            )
+        index[0] = frames.to(torch.float64)
     per_axis = []
-    for n, d, off in zip(grid, dims, offsets):
+    for positions, d in zip(index, dims):
         freqs, _, _ = inv_freq(d, base)
-        per_axis.append(torch.arange(off, off + n, dtype=torch.float64).unsqueeze(-1) * freqs)  # [n, d/2]
+        per_axis.append(positions.unsqueeze(-1) * freqs)  # [n, d/2]
     f, h, w = grid
     angles = torch.cat(
         (
