@@ -149,8 +149,19 @@ def cos_sin_cache(
 
 
 def wan_dims(head_dim: int) -> tuple[int, int, int]:
-    """Wan 2.x split of head_dim over (frames, height, width): ``d - 4*(d//6)``, ``2*(d//6)``,
-    ``2*(d//6)`` -- (44, 42, 42) for d = 128."""
+    """Wan 2.x split of head_dim over (frames, height, width): ``t = d - 4*(d//6)`` and
+    ``h = w = 2*(d//6)`` -- (44, 42, 42) for d = 128, the head_dim of every released Wan 2.1 /
+    Wan 2.2 model. Each axis gets a whole number of rotated pairs and the frame axis takes the
+    remainder.
+
+    Matches Wan-Video/Wan2.1 and Wan2.2 ``wan/modules/model.py`` (``rope_params(1024, dim)`` per
+    axis with these widths; ``rope_apply`` splits the d/2 complex columns as
+    ``[c - 2*(c//3), c//3, c//3]``, the same thing for every even d); diffusers
+    ``WanRotaryPosEmbed``, which builds its table with these widths but re-splits it in
+    ``forward`` at ``[d - 2*(d//3), d//3, d//3]`` columns -- the same split only when
+    ``d % 6 != 4`` (so for 128, not for 64, 112 or 256); and Helios' default
+    ``rope_dim=(44, 42, 42)`` for head_dim 128 (Helios reads rope_dim from its config).
+    """
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 6 or head_dim % 2:
         raise ValueError(f"head_dim: expected an even int >= 6, got {head_dim!r}")
     return head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6)
@@ -162,15 +173,28 @@ def cos_sin_3d(
     base: float = 10000.0,
     *,
     offsets: Sequence[int] = (0, 0, 0),
+    frame_indices: Sequence[int] | Tensor | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """3-D RoPE table for a ``(frames, height, width)`` video grid, flattened frame-major.
+    """3-D RoPE table for a ``(frames, height, width)`` video grid, flattened frame-major
+    (token ``(f, y, x)`` is row ``(f * height + y) * width + x``, as Wan/Helios flatten patches).
 
-    ``dims = (t, h, w)`` splits the rotary width over the three axes (see :func:`wan_dims`);
-    each axis uses its own frequencies ``base ** (-arange(0, d_axis, 2) / d_axis)`` on its own
-    index (plus ``offsets``), and the three are concatenated per token. Returns float32
-    ``cos, sin [frames*height*width, (t + h + w) // 2]`` for ``layout="interleaved"``; index
-    ``[:, None]`` to broadcast over heads of ``[B, S, H, D]``.
+    Split rule: ``dims = (t, h, w)`` rotated widths (even; :func:`wan_dims` gives Wan's), laid
+    out frames | height | width along head_dim: pairs ``[0, t/2)`` rotate by the frame index,
+    ``[t/2, (t+h)/2)`` by the row, the rest by the column. Each axis uses its own frequencies
+    ``base ** (-arange(0, d_axis, 2) / d_axis)`` on its own index (plus ``offsets``; the frame
+    axis may instead take explicit ``frame_indices``, one per frame, as Helios' ``frame_indices``
+    / ``indices_hidden_states`` do). Angles and cos/sin are computed in float64 and rounded once.
+
+    Returns float32 ``cos, sin [frames*height*width, (t + h + w) // 2]`` (half form) for
+    ``layout="interleaved"``; index ``[:, None]`` to broadcast over the heads of ``[B, S, H, D]``.
+
+    Checked in tests/test_video_fidelity.py against formulas written from: Wan 2.1/2.2
+    ``rope_params``/``rope_apply`` (its complex128 table rounded to float32 equals this table bit
+    for bit); diffusers ``WanRotaryPosEmbed`` (float64 angles, repeat-interleaved float32 table:
+    equal bit for bit); Helios (diffusers ``HeliosRotaryPosEmbed``: same split and frequencies,
+    but inverse frequencies, angles and cos/sin computed in float32 on the model's device, so its
+    tables differ from these in the last bits).
     """
     if len(grid) != 3 or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in grid):
         raise ValueError(f"grid: expected (frames, height, width) non-negative ints, got {tuple(grid)!r}")
@@ -178,10 +202,21 @@ def cos_sin_3d(
         raise ValueError(f"dims: expected 3 even ints >= 2 (t, h, w), got {tuple(dims)!r}")
     if len(offsets) != 3 or any(isinstance(o, bool) or not isinstance(o, int) for o in offsets):
         raise ValueError(f"offsets: expected 3 ints, got {tuple(offsets)!r}")
+    index = [torch.arange(off, off + n, dtype=torch.float64) for n, off in zip(grid, offsets)]
+    if frame_indices is not None:
+        if offsets[0] != 0:
+            raise ValueError(f"offsets: expected 0 for frames when frame_indices is given, got {tuple(offsets)!r}")
+        frames = torch.as_tensor(frame_indices).detach().to("cpu")
+        if frames.dim() != 1 or frames.shape[0] != grid[0] or frames.is_complex() or frames.dtype == torch.bool:
+            raise ValueError(
+                f"frame_indices: expected {grid[0]} real numbers (one per frame), got shape {tuple(frames.shape)} "
+                f"of {frames.dtype}"
+            )
+        index[0] = frames.to(torch.float64)
     per_axis = []
-    for n, d, off in zip(grid, dims, offsets):
+    for positions, d in zip(index, dims):
         freqs, _, _ = inv_freq(d, base)
-        per_axis.append(torch.arange(off, off + n, dtype=torch.float64).unsqueeze(-1) * freqs)  # [n, d/2]
+        per_axis.append(positions.unsqueeze(-1) * freqs)  # [n, d/2]
     f, h, w = grid
     angles = torch.cat(
         (
