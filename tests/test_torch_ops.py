@@ -1,0 +1,174 @@
+"""The torch.library facade (rope_backends/ops.py): ``opcheck`` on every custom op (schema,
+autograd registration, fake tensors, AOT dispatch), and ``torch.compile(fullgraph=True)`` of
+functions calling ``rb.apply``, ``rb.apply_qk`` and ``rb.apply_cached`` (in place and out of
+place) and a backward through a compiled function -- all bit-equal to eager.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import rope_backends as rb
+from rope_backends.testing import assert_bitwise_equal
+
+OPS = torch.ops.rope_backends
+
+
+def _inputs(dtype=torch.float32, T=5, H=3, Hk=2, D=16):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, H, D, generator=g).to(dtype)
+    k = torch.randn(T, Hk, D, generator=g).to(dtype)
+    cos, sin = rb.cos_sin(torch.randint(0, 100, (T,), generator=g), D)
+    return x, k, cos[:, None], sin[:, None]
+
+
+def _opcheck_cases():
+    x, k, c, s = _inputs()
+    cache = rb.cos_sin_cache(32, 16)
+    pos = torch.tensor([3, 0, 31, 7, 7])
+    pos3 = torch.stack((pos, pos.flip(0), pos % 5))
+    mrope = list(rb.mrope.chunked([2, 3, 3]).axis_map)
+    half = c[..., :4], s[..., :4]
+    return [
+        ("rope", OPS.rope.default, (x.clone().requires_grad_(), c, s, "neox", 16, False, "")),
+        ("rope_conjugate_partial", OPS.rope.default, (x.clone().requires_grad_(), *half, "interleaved", 8, True, "eager")),
+        ("rope_", OPS.rope_.default, (x.clone(), c, s, "neox", 16, False, "")),
+        ("rope_qk", OPS.rope_qk.default, (x.clone().requires_grad_(), k.clone().requires_grad_(), c, s, "neox", 16, False, "")),
+        ("rope_qk_partial", OPS.rope_qk.default, (x.clone().requires_grad_(), k.clone().requires_grad_(), *half, "interleaved", 8, False, "")),
+        ("rope_qk_", OPS.rope_qk_.default, (x.clone(), k.clone(), c, s, "interleaved", 16, True, "")),
+        ("rope_cached", OPS.rope_cached.default, (x.clone(), k.clone(), pos, cache, None, "neox", 16, "")),
+        ("rope_cached_k_none_mrope", OPS.rope_cached.default, (x.clone(), None, pos3, cache, mrope, "interleaved", 16, "")),
+        ("rope_cached_", OPS.rope_cached_.default, (x.clone(), k.clone(), pos, cache, None, "neox", 16, "")),
+        ("rope_cached_mrope_", OPS.rope_cached_.default, (x.clone(), k.clone(), pos3, cache, mrope, "neox", 16, "")),
+    ]
+
+
+@pytest.mark.parametrize("name,op,args", _opcheck_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_opcheck(name, op, args):
+    opcheck(op, args)
+
+
+def test_every_custom_op_is_opchecked():
+    ops_here = {n for n in dir(OPS) if not n.startswith("_") and n not in ("name",)}
+    checked = {c[1].name().split("::")[1].split(".")[0] for c in _opcheck_cases()}
+    assert {"rope", "rope_", "rope_qk", "rope_qk_", "rope_cached", "rope_cached_"} <= checked
+    assert checked >= {n for n in ops_here if n.startswith("rope")}, ops_here - checked
+
+
+def _compiled(fn):
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, backend="aot_eager")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_compile_apply(dtype):
+    x, k, c, s = _inputs(dtype)
+
+    def f(x, c, s):
+        return rb.apply(x, c, s, layout="interleaved")
+
+    assert_bitwise_equal(_compiled(f)(x, c, s), f(x, c, s))
+
+
+def test_compile_apply_qk_inplace_and_out():
+    x, k, c, s = _inputs(torch.float16)
+
+    def out_of_place(q, k, c, s):
+        return rb.apply_qk(q, k, c, s, rotary_dim=8)
+
+    def in_place(q, k, c, s):
+        rb.apply_qk(q, k, c, s, inplace=True)
+        return q * 1, k * 1
+
+    want = out_of_place(x, k, c[..., :4], s[..., :4])
+    got = _compiled(out_of_place)(x, k, c[..., :4], s[..., :4])
+    assert_bitwise_equal(got[0], want[0])
+    assert_bitwise_equal(got[1], want[1])
+    q1, k1, q2, k2 = x.clone(), k.clone(), x.clone(), k.clone()
+    in_place(q1, k1, c, s)
+    _compiled(in_place)(q2, k2, c, s)
+    assert_bitwise_equal(q2, q1)
+    assert_bitwise_equal(k2, k1)
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_compile_apply_cached(inplace):
+    T, D = 6, 32
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(T, (4 + 2 + 2) * D, generator=g).to(torch.bfloat16)
+    cache = rb.cos_sin_cache(64, D)
+    pos = torch.randint(0, 64, (3, T), generator=g)
+    mrope = rb.mrope.interleaved([6, 5, 5])
+
+    def f(qkv, pos, cache):
+        q, k = qkv[:, : 4 * D], qkv[:, 4 * D : 6 * D]
+        q2, k2 = rb.apply_cached(q, k, pos, cache, head_dim=D, mrope=mrope, inplace=inplace)
+        return q2 * 1, k2 * 1
+
+    a, b = qkv.clone(), qkv.clone()
+    want = f(a, pos, cache)
+    got = _compiled(f)(b, pos, cache)
+    assert_bitwise_equal(got[0], want[0])
+    assert_bitwise_equal(got[1], want[1])
+    assert_bitwise_equal(b, a)  # the fused buffer: rotated in place, or untouched
+
+
+def test_compile_backward():
+    x, k, c, s = _inputs()
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+
+    def loss(x, k, c, s):
+        q2, k2 = rb.apply_qk(x, k, c, s)
+        return (q2 * w).sum() + k2.sum()
+
+    x1, k1 = x.clone().requires_grad_(), k.clone().requires_grad_()
+    x2, k2 = x.clone().requires_grad_(), k.clone().requires_grad_()
+    loss(x1, k1, c, s).backward()
+    _compiled(loss)(x2, k2, c, s).backward()
+    assert_bitwise_equal(x2.grad, x1.grad)
+    assert_bitwise_equal(k2.grad, k1.grad)
+
+
+def test_compile_inductor_one_graph():
+    """With the default backend (Inductor): no graph break, and the op stays one opaque node,
+    so Inductor cannot re-derive (and FMA-contract) the math: still bit-equal to eager."""
+    x, k, c, s = _inputs(torch.bfloat16, T=64, H=4, D=128)
+    c, s = rb.cos_sin(torch.arange(64), 128)
+    c, s = c[:, None], s[:, None]
+
+    def f(x, c, s):
+        return rb.apply(x * 2, c, s) + 1
+
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(f)(x, c, s)
+    assert explain.graph_count == 1 and explain.graph_break_count == 0
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True)(x, c, s)
+    assert_bitwise_equal(got, f(x, c, s))
+
+
+def test_compiled_graph_follows_use_backend():
+    """The backend is resolved when the op runs: a compiled graph obeys the context it runs in."""
+    from rope_backends import reference
+    from rope_backends.registry import Backend
+
+    calls = []
+
+    def fwd(args):
+        calls.append(1)
+        return reference.run(args)
+
+    rb.register_backend(Backend(name="rb_compile_probe", device_types=("cpu",), priority=-50, forward=fwd))
+    try:
+        x, k, c, s = _inputs()
+        g = _compiled(lambda x, c, s: rb.apply(x, c, s))
+        g(x, c, s)
+        before = len(calls)
+        with rb.use_backend("rb_compile_probe"):
+            out = g(x, c, s)
+        assert len(calls) == before + 1
+        assert_bitwise_equal(out, rb.apply(x, c, s))
+    finally:
+        rb.unregister_backend("rb_compile_probe")
