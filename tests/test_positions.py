@@ -93,8 +93,10 @@ def rope_index_loop(
             pieces.append(torch.arange(text_len).view(1, -1).expand(3, -1) + first)
             frame = torch.arange(gt).view(-1, 1).expand(-1, gh * gw)
             if variant == "qwen2_5_vl":
-                if truncate_seconds:
-                    seconds = torch.as_tensor(seconds, dtype=frame.dtype)
+                if truncate_seconds:  # transformers 4.5x-4.57 normalise to int64 on the host
+                    seconds = torch.as_tensor(seconds, dtype=frame.dtype, device=frame.device)
+                elif isinstance(seconds, torch.Tensor):
+                    seconds = seconds.to(frame.device)
                 t_index = (frame * seconds * tokens_per_second).long().flatten()
             else:
                 t_index = frame.flatten()
