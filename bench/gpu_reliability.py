@@ -108,6 +108,7 @@ def check_no_sync_and_graph(device: str) -> dict:
     cache = rb.cos_sin_cache(4096, 128, device=device)
     cos, sin = rb.cos_sin(torch.arange(64, device=device), 128)
     x = torch.randn(2, 64, 8, 128, device=device, dtype=torch.float16)
+    xk = torch.randn(2, 64, 2, 128, device=device, dtype=torch.float16)
     rb.apply_cached(q, k, positions, cache, head_dim=128)
     rb.apply(x, cos[:, None], sin[:, None])
     torch.cuda.synchronize()
@@ -115,7 +116,7 @@ def check_no_sync_and_graph(device: str) -> dict:
     try:
         rb.apply_cached(q, k, positions, cache, head_dim=128)
         rb.apply(x, cos[:, None], sin[:, None])
-        rb.apply_qk(x, x[:, :, :2], cos[:, None], sin[:, None])
+        rb.apply_qk(x, xk, cos[:, None], sin[:, None])
         no_sync = True
     except RuntimeError as exc:
         no_sync = f"sync detected: {exc}"
