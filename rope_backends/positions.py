@@ -322,6 +322,8 @@ def _device(call: _Call) -> tuple[Tensor, Tensor]:
     """Whole-batch tensor ops on ``ids.device``; every shape is known without reading data."""
     ids, dev = call.ids, call.ids.device
     b, s = ids.shape
+    if s == 0:  # nothing to place (transformers' loop cannot even run on empty rows)
+        return torch.empty((3, b, 0), dtype=ids.dtype, device=dev), torch.zeros((b, 1), dtype=torch.int64, device=dev)
     n_img, n_vid = call.images.shape[0], call.videos.shape[0]
     g_t, g_h, g_w, g_len, g_extent, g_scale = _grid_table(call, torch)
     if n_img + n_vid == 0:  # grids given but empty: no group can exist; keep lookups in bounds
@@ -370,7 +372,7 @@ def _device(call: _Call) -> tuple[Tensor, Tensor]:
     t_idx = frame if g_scale is None else _t_value(frame, g_scale[tok_code], call.tokens_per_second, torch)
     vis_pos = torch.stack((base + t_idx, base + row, base + rest - row * wm))
     pos = torch.where(in_group, vis_pos, torch.where(valid, text_pos, 1))
-    deltas = (comp[:, -1:] + 1 + shift[:, -1:] - s) if s else torch.zeros((b, 1), dtype=torch.int64, device=dev)
+    deltas = comp[:, -1:] + 1 + shift[:, -1:] - s
 
     if call.validate:
         kind_ok = torch.where(tok_code >= n_img, is_vid, is_img)

@@ -157,6 +157,7 @@ def make_batch(
     image_side=(4, 28),  # h, w in patches (multiples of MERGE are drawn from this range)
     frame_side=(8, 16),
     seconds=(0.5, 1.0, 2.0, 1.5, 1 / 3),
+    image_t=(1,),  # temporal grids of an image (drawn from these; the processors use 1)
     seed: int = 0,
     grids: bool = True,
 ) -> Batch:
@@ -176,9 +177,9 @@ def make_batch(
         chunks = []
         for kind in items:
             if kind == "image":
-                h, w = side(image_side), side(image_side)
-                image_rows.append((1, h, w))
-                chunks.append([VISION_START] + [IMAGE] * ((h // MERGE) * (w // MERGE)) + [VISION_END])
+                h, w, t = side(image_side), side(image_side), rng.choice(image_t)
+                image_rows.append((t, h, w))
+                chunks.append([VISION_START] + [IMAGE] * (t * (h // MERGE) * (w // MERGE)) + [VISION_END])
             else:
                 h, w = side(frame_side), side(frame_side)
                 video_rows.append((frames, h, w))
@@ -323,6 +324,32 @@ def test_qwen2_5_seconds(truncate, tokens_per_second):
     assert_same(positions.rope_index(batch.input_ids, **kw), rope_index_loop(batch.input_ids, **kw))
     kw["second_per_grid_ts"] = batch.second_per_grid_ts.double()
     assert_same(positions.rope_index(batch.input_ids, **kw), rope_index_loop(batch.input_ids, **kw))
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_small_batches(seed):
+    """Many small random layouts: both paths == the loop, every variant and padding style."""
+    rng = random.Random(seed)
+    variant = VARIANTS[seed % 3]
+    batch = make_batch(
+        rng.randrange(1, 5), 400, rng.randrange(0, 6), rng.randrange(0, 4), frames=rng.randrange(1, 4),
+        variant=variant, padding=rng.choice([None, "left", "right", "mixed"]), image_side=(2, 12),
+        frame_side=(2, 10), image_t=(1, 2), seconds=(0.5, 2.0, 1 / 3, 0.0), seed=seed,
+    )
+    if rng.random() < 0.3 and batch.attention_mask is None:
+        batch = with_holes(batch, holes=4, seed=seed)
+    kw = batch.kwargs(truncate_seconds=rng.random() < 0.5) if variant == "qwen2_5_vl" else batch.kwargs()
+    want = rope_index_loop(batch.input_ids, **kw)
+    assert_same(positions.rope_index(batch.input_ids, **kw), want)
+    assert_same(device_path(batch.input_ids, **kw), want)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0), (1, 1), (0, 0)])
+def test_empty_shapes(shape):
+    ids = torch.zeros(shape, dtype=torch.long)
+    kw = dict(image_grid_thw=torch.zeros(0, 3, dtype=torch.long), attention_mask=torch.ones(shape), **IDS)
+    for got in (positions.rope_index(ids, **kw), device_path(ids, **kw)):
+        assert got[0].shape == (3, *shape) and got[1].shape == (shape[0], 1)
 
 
 def test_fractional_seconds_change_positions():
