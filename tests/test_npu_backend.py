@@ -322,6 +322,25 @@ def test_apply_cached_grid(npu, layout, dtype, dims, inplace):
                     context=f"{mkind}/{qform}/{cache_dtype}/{pos_dtype}")
 
 
+@pytest.mark.parametrize("max_pos", [1, 17])
+@pytest.mark.parametrize("mkind", ["none", "ernie"])
+def test_strided_cache(npu, mkind, max_pos):
+    """A cache that is itself a strided view (transposed storage, a column slice), a one-row
+    cache, and positions that are a transposed view."""
+    r = 16
+    m = _mrope_for(mkind, r // 2)
+    base = torch.cat(_cos_sin((max_pos, r // 2), torch.float64, 2), -1).float()
+    for cache in (base.t().contiguous().t(), torch.cat((base, base), -1)[:, :r]):
+        pos = torch.randint(0, max_pos, (5, 3) if m else (5, 2), generator=_gen(3)).t()
+        pos = pos if m else pos[0]
+        q = _randn((5, 2, 24), torch.float16, 4)
+
+        def fn(backend, v):
+            return rb.apply_cached(v["q"], None, pos, cache, mrope=m, inplace=False, backend=backend)
+
+        _check_call(npu, fn, {"q": (q, q)}, inplace=False, targets=(), context=f"cache stride {cache.stride()}")
+
+
 @pytest.mark.parametrize("mkind", ["none", "chunked", "ernie"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_out_of_range_positions_give_nan(layout, mkind):

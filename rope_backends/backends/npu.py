@@ -123,11 +123,11 @@ def cos_sin_from_cache(positions: Tensor, cache: Tensor, axis_map: tuple[int, ..
         pos = pos.reshape(3, -1)  # [3, N]: the t, h, w rows
     safe = pos.clamp(0, max(max_position - 1, 0))
     if axis_map is None:
-        table = cache.index_select(0, safe.view(-1))  # [N, rotary_dim]: cos | sin of each token
+        table = cache.index_select(0, safe.reshape(-1))  # [N, rotary_dim]: cos | sin of each token
     else:
         # rows of the cache for all three position rows, then pick, per column, the row the axis
         # map names: column j (cos) and half + j (sin) follow axis_map[j]
-        rows = cache.index_select(0, safe.view(-1)).view(3, -1, rotary_dim)  # [3, N, rotary_dim]
+        rows = cache.index_select(0, safe.reshape(-1)).reshape(3, -1, rotary_dim)  # [3, N, rotary_dim]
         axis = _axis_index(tuple(axis_map) * 2, cache.device)  # [rotary_dim]
         table = rows.gather(0, axis.view(1, 1, rotary_dim).expand(1, rows.shape[1], rotary_dim))[0]
     table = table.float()
@@ -137,7 +137,7 @@ def cos_sin_from_cache(positions: Tensor, cache: Tensor, axis_map: tuple[int, ..
         valid = valid.index_select(0, axis).t()  # [N, half]: validity of the row pair j reads
         valid = torch.cat((valid, valid), dim=-1)  # the same for the cos and the sin column
     table = table.masked_fill(~valid, float("nan"))
-    table = table.view(*lead, rotary_dim)
+    table = table.reshape(*lead, rotary_dim)
     return table[..., :half], table[..., half:]
 
 
