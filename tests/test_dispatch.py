@@ -437,3 +437,63 @@ def test_cache_not_poisoned_by_a_concurrent_unregistration(fakes):
     rb.apply(x, c, s)  # began while it was registered: may still run there
     assert _which(fakes, lambda: rb.apply(x, c, s)) == "eager"
     assert registry.select("cpu", None).name != "rb_vanishing"
+
+
+# ---- python -m rope_backends ---------------------------------------------------------------
+
+def test_cli_info(monkeypatch, capsys):
+    from rope_backends.__main__ import main
+
+    _fake_gpus(monkeypatch, 1, "AMD Instinct MI300X")
+    monkeypatch.setattr(torch.version, "hip", "6.2.41133")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "GPU vendor  AMD (ROCm" in out and "cuda:0 AMD Instinct MI300X" in out
+    assert "cpu   -> eager" in out
+    for b in rb.backends():
+        assert f"\n{b.name} " in out
+
+
+def test_cli_check_passes_and_expect(fakes, capsys):
+    from rope_backends.__main__ import main
+
+    assert main(["check", "--backend", "eager", "--expect", "eager"]) == 0
+    out = capsys.readouterr().out
+    assert "eager    cpu" in out and "picks eager for every kind of call" in out and "OK in" in out
+    fakes.add("rb_cli_hijack", priority=10_000)  # automatic dispatch on cpu now picks this one
+    assert main(["check", "--backend", "eager", "--expect", "eager"]) == 1
+    out = capsys.readouterr().out
+    assert "apply_qk float16 interleaved on cpu: rb_cli_hijack" in out and "FAILED" in out
+
+
+def test_cli_check_reports_failures(fakes, capsys):
+    from rope_backends.__main__ import main
+
+    def off_by_one(args):
+        outs = reference.run(args)
+        for o in outs:
+            if o.numel():
+                o.view(-1)[0] = torch.nextafter(o.view(-1)[0], torch.tensor(float("inf"), dtype=o.dtype)) \
+                    if o.is_contiguous() else o.view(-1)[0]
+        return outs
+
+    rb.register_backend(Backend(name="rb_cli_bad", device_types=("cpu",), priority=-1, forward=off_by_one))
+    fakes.names.append("rb_cli_bad")
+    assert main(["check", "--backend", "rb_cli_bad", "--max-failures", "3"]) == 1
+    out = capsys.readouterr().out
+    assert "rb_cli_bad  cpu" in out and "failure(s):" in out and "elements differ" in out
+    assert main(["check", "--backend", "rb_not_registered"]) == 2
+
+
+def test_cli_bench_hook(monkeypatch, capsys):
+    from rope_backends import __main__ as cli
+
+    calls = []
+    module = types.ModuleType("rope_backends.benchmarking")
+    module.run_short = lambda device=None: calls.append(device) or 0
+    monkeypatch.setitem(sys.modules, "rope_backends.benchmarking", module)
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: object())
+    assert cli._run_bench("cpu") == 0 and calls == ["cpu"]
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
+    assert cli._run_bench(None) == 0
+    assert "bench: not installed" in capsys.readouterr().out
