@@ -329,3 +329,23 @@ def test_recording_leaves_results_alone(npu):
         recorded = rb.apply(x, cos, sin, layout="interleaved", backend="npu")
     assert_bitwise_equal(recorded, plain)
     assert rec.trace.counts()["aten::stack.default"] == 1
+
+
+def test_bench_report_smoke():
+    """bench/optrace.py (quick shapes, CPU): the report it prints keeps its meaning -- the npu
+    path clean, the two strided implementations flagged, every implementation bit-exact."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "optrace.py"
+    spec = importlib.util.spec_from_file_location("_bench_optrace", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.run_device("cpu", quick=True, min_run_time=0.001, repeats=1)
+    rows = {(r["case"], r["impl"]): r for r in result["rows"]}
+    for case in ("diffusion", "llm-cached"):
+        assert rows[(case, "npu")]["violations"] == 0 and rows[(case, "npu")]["strided_writes"] == 0
+        assert rows[(case, "eager-reference")]["strided_writes"] >= 2
+        assert rows[(case, "strided-write")]["strided_writes"] >= 2
+    json.dumps(result)
+    assert "| diffusion | npu |" in bench.markdown(result)
