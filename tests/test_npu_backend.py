@@ -635,3 +635,44 @@ def test_device_restricted_op_would_not_bind():
     name = "rope_backends_npu_test::cpu_only"
     assert torch._C._dispatch_has_computed_kernel_for_dispatch_key(name, "CPU")
     assert not torch._C._dispatch_has_computed_kernel_for_dispatch_key(name, "PrivateUse1")
+
+
+# --------------------------------------------------------------------------------------------
+# bench/npu_rotary_mul.py without an Ascend machine
+
+
+def _load_rotary_mul_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "npu_rotary_mul.py"
+    spec = importlib.util.spec_from_file_location("_bench_npu_rotary_mul", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rotary_mul_bench_exits_cleanly_without_torch_npu(unsimulated, capsys):
+    unsimulated.setitem(sys.modules, "torch_npu", None)
+    bench = _load_rotary_mul_bench()
+    assert bench.main([]) == 0
+    assert "torch_npu is not installed" in capsys.readouterr().out
+    assert bench.main(["--strict"]) == 2
+
+
+def test_rotary_mul_bench_comparison_logic():
+    """The bench's comparison on the op's documented formula evaluated in eager torch: exact in
+    fp32 (products rounded, then one add), not in bf16 (each op rounds to bf16) -- so the
+    comparison can tell the two apart."""
+    bench = _load_rotary_mul_bench()
+    dev = bench.Device("cpu", bench._documented_formula, lambda: None, True)
+    x = _randn((1, 8, 2, 64), torch.float32, 1)
+    c, s = _cos_sin((8, 32), torch.float32, 2)
+    for dtype, exact in ((torch.float32, True), (torch.bfloat16, False)):
+        for mode, layout in bench.MODES.items():
+            xd, cd, sd = x.to(dtype), c.to(dtype), s.to(dtype)
+            r1 = bench._full_form(cd, mode).reshape(1, 8, 1, 64)
+            r2 = bench._full_form(sd, mode).reshape(1, 8, 1, 64)
+            got = bench._call_rotary_mul(dev, xd, r1, r2, mode)
+            want = rb.apply(xd, cd.reshape(1, 8, 1, 32), sd.reshape(1, 8, 1, 32), layout=layout, backend="eager")
+            assert bench.compare(got, want)["exact"] is exact, (dtype, mode)
