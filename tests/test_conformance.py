@@ -261,3 +261,43 @@ def test_perturbed_reference_is_caught(bad_backend, monkeypatch):
     for case in cases:
         with pytest.raises(AssertionError, match="differ"):
             check_case(case, name, "cpu")
+
+
+# ---- the device-bound code paths, exercised on CPU -----------------------------------------
+
+@pytest.mark.parametrize("case", [
+    RopeCase("apply", (300_000, 1, 4), "bfloat16", "interleaved", marks=("large",)),
+    RopeCase("apply_cached", (300_000, 1, 4), "float16", "neox", k_heads=0, inplace=True, max_position=4096,
+             marks=("large",)),
+], ids=lambda c: c.name)
+def test_large_case_path_on_cpu(case, bad_backend):
+    """The >2**31-element cases compare in slices of 2**18 tokens on the device; the same code
+    on a small CPU tensor spanning two slices: passes on eager, catches a one-ulp error in the
+    second slice and a write into the canary."""
+    check_case(case, "eager", "cpu")
+
+    def late_ulp(args):
+        outs = _off_by_one_ulp(args)  # flips the middle element: token 150000, in slice 0
+        for o in outs:
+            o.view(-1).view(torch.int16)[-1] ^= 1  # and the last one: slice 1
+        return outs
+
+    name = bad_backend("rb_test_large", late_ulp)
+    with pytest.raises(AssertionError, match=r"output q\[262144:524288\]|output q\[0:262144\]"):
+        check_case(case, name, "cpu")
+    if case.inplace:
+        name = bad_backend("rb_test_large_canary", _writes_canary)
+        with pytest.raises(AssertionError, match="outside the written view"):
+            check_case(case, name, "cpu")
+
+
+def test_device_bound_cases_need_their_device(monkeypatch):
+    big = next(c for c in sample_cases() if "large" in c.marks)
+    second = next(c for c in sample_cases() if c.device == "cuda:1")
+    assert runner.case_device(big, "cpu")[0] is None
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    dev, why = runner.case_device(second, "cuda")
+    assert dev is None and "1 CUDA device(s) here" in why
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert runner.case_device(second, "cuda") == ("cuda:1", None)
+    assert runner.case_device(big, "cuda") == ("cuda", None)
