@@ -599,8 +599,10 @@ def test_import_does_not_import_torch_npu(tmp_path):
         print(reason)
         """
     )
+    # TORCH_DEVICE_BACKEND_AUTOLOAD=0: on an Ascend machine torch itself would otherwise import
+    # the real torch_npu on `import torch` (its device-backend entry point), which is not ours
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               ROPE_BACKENDS_SIMULATE_NPU="0")
+               ROPE_BACKENDS_SIMULATE_NPU="0", TORCH_DEVICE_BACKEND_AUTOLOAD="0")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "torch_npu imported but no NPU device"
