@@ -6,6 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 lane="${1:?usage: ci/run_lane.sh LANE}"
 while IFS='=' read -r key value; do export "$key=$value"; done < <(python ci/lane.py env "$lane")
+# Ascend images need CANN's environment (ignored elsewhere: the file does not exist)
+if [[ -f /usr/local/Ascend/ascend-toolkit/set_env.sh ]]; then
+  # shellcheck disable=SC1091
+  source /usr/local/Ascend/ascend-toolkit/set_env.sh
+fi
 echo "== lane $lane: device=$LANE_DEVICE expect=$LANE_EXPECT backend=${LANE_BACKEND:-auto}"
 pytest_args=(-q -p no:cacheprovider)
 if [[ -n "${LANE_BACKEND}" ]]; then
@@ -20,4 +25,7 @@ fi
 python -m rope_backends "${check_args[@]}"
 if [[ "$LANE_BENCH" == "1" ]]; then
   python -m bench --device "$LANE_DEVICE" --out bench/results
+  if [[ "$LANE_DEVICE" == "npu" ]]; then
+    python bench/npu_rotary_mul.py --strict --out bench/results
+  fi
 fi
