@@ -2,9 +2,9 @@
 transformers 4.x ``get_rope_index`` (the oracle of tests/test_positions.py), on the three setups of
 issue 5, on the CPU and on CUDA when a GPU is present.
 
-    python bench/rope_index.py [--out DIR] [--quick] [--devices cpu,cuda] [--variants qwen3_vl,...]
+    python bench/rope_index.py [--out DIR] [--quick] [--devices cpu,cuda] [--variants qwen3_vl,...] [--threads N]
 
-For every setup and device it checks the two give identical tensors, times both (median of
+For every setup and device it checks the two give identical tensors, times both (best of
 repeats; CUDA timings include the syncs the loop forces and end with a synchronize), and counts
 host syncs of one call:
   cuda  -- torch.cuda.set_sync_debug_mode("warn") warnings (every blocking device->host read);
@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import sys
 import time
 import warnings
@@ -103,7 +102,8 @@ def count_cuda_syncs(fn) -> int:
 
 
 def time_ms(fn, device: str, iters: int, repeats: int) -> float:
-    """Median over ``repeats`` of the mean time of ``iters`` back-to-back calls."""
+    """Best over ``repeats`` of the mean time of ``iters`` back-to-back calls (the minimum is the
+    sample least disturbed by other work on the machine, as timeit advises)."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     fn()
     sync()
@@ -115,7 +115,7 @@ def time_ms(fn, device: str, iters: int, repeats: int) -> float:
             fn()
         sync()
         samples.append((time.perf_counter() - start) / iters * 1e3)
-    return statistics.median(samples)
+    return min(samples)
 
 
 def device_path(batch):
@@ -131,7 +131,7 @@ def bench_one(name, spec, variant, device, quick):
     equal = all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(want, got))
     if device == "cpu":
         equal = equal and all(torch.equal(a, b) for a, b in zip(want, device_path(batch)))
-    loop_iters, vec_iters, repeats = (2, 20, 3) if quick else (5, 100, 5)
+    loop_iters, vec_iters, repeats = (2, 20, 3) if quick else (3, 50, 9)
     row = dict(
         setup=name,
         variant=variant,
@@ -171,6 +171,8 @@ def environment(device: str) -> dict:
         machine=platform.machine(),
         cpu_threads=torch.get_num_threads(),
         cpu_count=os.cpu_count(),
+        # other work on the machine inflates the loop far more than the vectorised path
+        load_average_1min=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     )
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
@@ -204,7 +206,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer iterations (< 60 s on an H100 machine)")
     parser.add_argument("--devices", default=None, help="comma list of cpu,cuda (default: cpu, and cuda if present)")
     parser.add_argument("--variants", default="qwen3_vl", help="comma list of qwen3_vl,qwen2_vl,qwen2_5_vl")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 keeps the loop's many small ops stable on a busy machine)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     variants = args.variants.split(",")
     for v in variants:
