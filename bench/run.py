@@ -1,0 +1,68 @@
+"""Run the rope_backends benchmark suite.
+
+    python -m bench                                  # every group on the best device here
+    python bench/run.py --device cuda --out DIR      # the full GPU bench (< 10 min on an H100)
+    python -m bench --groups diffusion,llm --device cpu --quick
+    python -m bench --skip torch.compile             # leave out an implementation
+
+Groups: diffusion, llm, mrope, backward, rope_index, dispatch (see rope_backends/benchmarking.py).
+Prints a progress line on stderr, the tables on stdout, and writes
+``<out>/<device>-<date>[-quick].json`` plus a PNG plot when matplotlib is installed
+(``python bench/report.py <json>`` turns a JSON into the README's results section).
+This file only parses arguments: the engine is rope_backends.benchmarking.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere: prefer this checkout's package
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from rope_backends import benchmarking as bm  # noqa: E402
+
+
+def _list(text: str | None) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else []
+
+
+def default_device() -> str:
+    devices = bm.present_devices()
+    return "cuda" if "cuda" in devices else ("npu" if "npu" in devices else "cpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--groups", default=",".join(bm.GROUPS),
+                        help=f"comma list from {','.join(bm.GROUPS)} (default: all)")
+    parser.add_argument("--device", default=None,
+                        help="comma list of device types: cpu, cuda, npu (default: cuda if present, else npu, else cpu)")
+    parser.add_argument("--quick", action="store_true", help="shorter timing runs (same cases)")
+    parser.add_argument("--out", default=str(bm.default_out_dir()), help="directory for the JSON and PNG")
+    parser.add_argument("--impls", default=None, help="comma list: run only these implementations")
+    parser.add_argument("--skip", default=None, help="comma list: leave out these implementations (e.g. torch.compile)")
+    parser.add_argument("--scale", default=None, choices=("gpu", "cpu", "tiny"),
+                        help="shape set (default: gpu shapes on cuda, cpu shapes elsewhere; tiny: for tests)")
+    parser.add_argument("--no-plot", action="store_true", help="do not write the PNG")
+    args = parser.parse_args(argv)
+    groups = _list(args.groups)
+    for g in groups:
+        if g not in bm.GROUPS:
+            parser.error(f"--groups: expected names from {','.join(bm.GROUPS)}, got {g!r}")
+    devices = _list(args.device) or [default_device()]
+    for d in devices:
+        if d.split(":")[0] == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device: expected a device present here ({','.join(bm.present_devices())}), got {d!r}")
+    command = "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    bm.run(devices, groups, quick=args.quick, out_dir=args.out, scale=args.scale, impls=_list(args.impls),
+           skip=_list(args.skip), command=command.strip(), plot=not args.no_plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,213 @@
+"""The benchmark suite runs end to end on a tiny CPU scenario and writes what it promises.
+
+Checks the engine (rope_backends.benchmarking), the command line (python -m bench), the report
+writer (bench/report.py) and run_short(): the JSON schema, the bit_exact column (True for the
+eager backend and the reference, computed for every peer, and False when an implementation is
+wrong), the overhead fields, graceful degradation without matplotlib or bench/rope_index.py.
+Never checks timings: only that they are positive numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rope_backends import benchmarking as bm
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(scale="tiny", quick=True, skip=("torch.compile",), progress=False, command="pytest")
+
+ROW_KEYS = {
+    "group": str, "scenario": str, "op": str, "shape": str, "dtype": str, "layout": str, "tokens": int,
+    "implementation": str, "kind": str, "timing": str, "us": float, "bytes": int, "buffers": int,
+}
+DOC_KEYS = ("schema", "date", "device", "device_label", "versions", "command", "copy_bandwidth", "byte_counting",
+            "timing", "bit_exact_rule", "rows", "skipped", "summary", "default_backend", "groups")
+
+
+@pytest.fixture(scope="module")
+def doc():
+    return bm.run_device("cpu", ["diffusion", "llm", "mrope", "backward", "dispatch"], **TINY)
+
+
+def test_document_schema(doc):
+    for key in DOC_KEYS:
+        assert key in doc, key
+    assert doc["schema"] == bm.SCHEMA
+    assert doc["device"]["type"] == "cpu" and doc["device"]["cores"] >= 1
+    assert doc["versions"]["torch"] == torch.__version__
+    assert doc["copy_bandwidth"]["gbps"] > 0 and doc["copy_bandwidth"]["bytes_per_copy"] > 0
+    assert doc["default_backend"] == "eager"
+    assert "bytes" in doc["byte_counting"] and "copy" in doc["byte_counting"]
+    json.dumps(doc)  # serialisable as it is
+
+
+def test_rows_schema_and_values(doc):
+    rows = doc["rows"]
+    assert {r["group"] for r in rows} == {"diffusion", "llm", "mrope", "backward", "dispatch"}
+    for r in rows:
+        for key, kind in ROW_KEYS.items():
+            assert isinstance(r[key], kind), (key, r)
+        assert r["us"] > 0 and math.isfinite(r["us"])
+        assert r["gbps"] == pytest.approx(r["bytes"] / r["us"] / 1e3)
+        assert r["pct_copy"] == pytest.approx(100 * r["gbps"] / doc["copy_bandwidth"]["gbps"])
+        assert isinstance(r["bit_exact"], bool), r
+        assert r["timing"] == "torch_timer"
+        assert r["kind"] in ("backend", "peer", "baseline")
+
+
+def test_implementations_and_bit_exact_column(doc):
+    rows = doc["rows"]
+    by_impl = {}
+    for r in rows:
+        by_impl.setdefault(r["implementation"], []).append(r)
+    # every case has the eager backend, the reference and the contiguous peer
+    assert {"eager", "eager-strided", "eager-stack+flatten"} <= set(by_impl)
+    for name in ("eager", "eager-strided", "eager-stack+flatten"):
+        assert all(r["bit_exact"] is True for r in by_impl[name]), name
+    assert "torch.compile" not in by_impl  # skipped on request
+    # the simulated NPU serves CPU only when named: a test vehicle, never benchmarked
+    assert "npu" not in by_impl
+    skipped = {s.get("implementation") for s in doc["skipped"]}
+    assert "npu" in skipped and "triton" in skipped
+    # absent optional peers are reported, not silently dropped
+    for peer in ("liger-kernel", "flashinfer"):
+        if peer not in by_impl:
+            assert peer in skipped
+
+
+def test_groups_cover_their_cases(doc):
+    rows = doc["rows"]
+    llm_ops = {(r["op"], r["tokens"]) for r in rows if r["group"] == "llm"}
+    assert llm_ops == {(op, t) for op in ("apply_qk", "apply_cached") for t in bm.LLM_TOKENS["tiny"]}
+    mrope = {r["scenario"] for r in rows if r["group"] == "mrope"}
+    assert len(mrope) == 4 and "plain" in mrope
+    assert {r["op"] for r in rows if r["group"] == "backward"} == {"forward", "backward"}
+    assert {r["layout"] for r in rows if r["group"] == "diffusion"} == {"interleaved"}
+
+
+def test_dispatch_overhead_fields(doc):
+    public = [r for r in doc["rows"] if r["group"] == "dispatch" and r["implementation"].startswith("rb.")]
+    assert {r["implementation"] for r in public} == {"rb.apply", "rb.apply_cached"}
+    forward = {r["scenario"]: r for r in doc["rows"] if r["implementation"] == "eager.forward"}
+    for r in public:
+        assert r["overhead_over_forward_us"] == pytest.approx(r["us"] - forward[r["scenario"]]["us"])
+    assert any("host overhead" in s["target"] for s in doc["summary"])
+    assert all(s["met"] is None for s in doc["summary"])  # GPU targets: not judged on a CPU
+
+
+def test_wrong_peer_is_not_bit_exact():
+    """The bit_exact column can say False: a peer that skips the rotation, and one that is off by
+    one ulp in a single element, are both caught."""
+    case = bm._diffusion_cases("tiny", torch.device("cpu"))[0]
+    clock = bm.Clock(torch.device("cpu"), quick=True)
+
+    def off_by_one(d):
+        def run():
+            out = bm._ref_apply(d, "interleaved")[0].clone()
+            out.view(torch.int16).view(-1)[3] += 1
+            return (out,)
+        return run
+
+    impls = [bm.Impl("identity", "peer", lambda d: lambda: (d["x"].clone(),)),
+             bm.Impl("one-ulp", "peer", off_by_one),
+             bm.Impl("stack+flatten", "peer", lambda d: lambda: (bm._stack_flatten(d["x"], d["cos"], d["sin"], "interleaved"),))]
+    rows, skipped = [], []
+    bm._run_case(case, impls, clock, 1.0, bm.Progress(False, 1), rows, skipped)
+    assert not skipped
+    assert {r["implementation"]: r["bit_exact"] for r in rows} == {"identity": False, "one-ulp": False, "stack+flatten": True}
+
+
+def test_in_place_peers_are_checked_on_fresh_inputs():
+    """Timing an in-place implementation rotates its inputs many times; the next implementation's
+    check must still start from the original inputs."""
+    case = bm._llm_cases("tiny", torch.device("cpu"), graphs=False)[-1]
+    assert case.op == "apply_cached"
+    impls = bm._impls(case, torch.device("cpu"), ["eager"], bm.Options(quick=True, skip=("torch.compile",)))
+    assert [i.mutates for i in impls if i.name in ("eager", "eager-strided", "eager-stack+flatten")] == [True] * 3
+    rows, skipped = [], []
+    bm._run_case(case, impls, bm.Clock(torch.device("cpu"), quick=True), 1.0, bm.Progress(False, 1), rows, skipped)
+    assert len(rows) == 3 and all(r["bit_exact"] for r in rows)
+
+
+def test_json_report_and_plot(doc, tmp_path, monkeypatch):
+    path = bm.write_json(doc, tmp_path)
+    assert path.name == f"{doc['device_label']}-{doc['date']}.json"
+    assert json.loads(path.read_text())["rows"] == json.loads(json.dumps(doc["rows"]))
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench import report
+    finally:
+        sys.path.remove(str(ROOT))
+    out = tmp_path / "README-table.md"
+    assert report.main([str(path), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "### diffusion" in text and "| implementation" in text and "copy" in text.lower()
+    png = path.with_suffix(".png")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not png.exists()
+    else:
+        assert png.stat().st_size > 1000 and "![" in text
+    # without matplotlib the plot is skipped, nothing raises
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert bm.write_plot(doc, tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_tables_are_printable(doc):
+    text = bm.format_tables(doc)
+    for group in ("diffusion", "llm", "mrope", "backward", "dispatch"):
+        assert f"### {group}" in text
+    assert "targets" in text and "copy bandwidth" in text
+
+
+def test_rope_index_group_skips_without_its_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bm, "_ROOT", tmp_path)
+    skipped = []
+    assert bm._rope_index_rows(torch.device("cpu"), True, skipped, bm.Progress(False, 1)) == []
+    assert "not found" in skipped[0]["reason"]
+    assert "rope_index" in capsys.readouterr().err
+
+
+def test_run_short(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(bm.DIFFUSION_SHAPES, "short-cpu", [(1, 16, 2, 32)])
+    monkeypatch.setitem(bm.LLM_TOKENS, "short-cpu", [1])
+    monkeypatch.setitem(bm.LLM_HEADS, "short-cpu", (4, 2))
+    rows = bm.run_short(["cpu"], out_dir=str(tmp_path))
+    printed = capsys.readouterr().out
+    assert "### diffusion" in printed and "### dispatch" in printed
+    assert {r["group"] for r in rows} == {"diffusion", "llm", "dispatch"}
+    assert all(r["device_type"] == "cpu" for r in rows)
+    assert not {"torch.compile", "eager-strided"} & {r["implementation"] for r in rows}
+    assert {r["op"] for r in rows if r["group"] == "llm"} == {"apply_cached"}
+    files = list(tmp_path.glob("*-short.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["short"] is True
+
+
+def test_command_line(tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--device", "cpu", "--scale", "tiny", "--groups", "dispatch", "--quick",
+         "--out", str(out), "--no-plot"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "### dispatch" in proc.stdout
+    assert "dispatch apply tiny" in proc.stderr  # the progress line
+    (path,) = out.glob("*.json")
+    saved = json.loads(path.read_text())
+    assert saved["command"].startswith("python -m bench --device cpu")
+    assert {r["implementation"] for r in saved["rows"]} == {"rb.apply", "rb.apply_cached", "eager.forward"}
+
+
+def test_command_line_rejects_unknown_group():
+    proc = subprocess.run([sys.executable, "bench/run.py", "--groups", "nope"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "--groups" in proc.stderr
