@@ -1,0 +1,385 @@
+"""The ``triton`` backend's own tests, run on CPU through Triton's interpreter (``TRITON_INTERPRET=1``).
+
+Self-contained (no conftest fixtures): a module-scoped fixture turns the interpreter on for these
+tests only and restores the environment afterwards. The kernel module is imported while it is on,
+so the same kernel source that runs on the GPU runs here, and every result is compared bit for bit
+with ``rope_backends.reference`` (through ``rb.apply(..., backend="triton")`` and the shipped
+``check_case``, which also checks canaries around in-place writes and untouched inputs).
+
+What is covered here and not by the shared suite: the conversions the kernel does by hand
+(fp32 -> bf16 rounding, bf16 -> fp32, fp16 and fp64 casts) over many bit patterns; out-of-range
+positions (NaN, no out-of-bounds read: CPU validation rejects them before a backend sees them, so
+the kernel is called directly); the geometry (collapsing leading dims, the split fallback, int64
+offsets decided by extent, launch heuristics and their cache); import hygiene and the probe.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")  # backend availability: no triton, nothing to test here
+import triton.language as tl  # noqa: E402
+
+import rope_backends as rb  # noqa: E402
+from rope_backends import mrope, platform, reference  # noqa: E402
+from rope_backends.backends import triton as triton_backend  # noqa: E402
+from rope_backends.backends.triton import launch  # noqa: E402
+from rope_backends.spec import Layout, MRope, RopeArgs  # noqa: E402
+from rope_backends.testing import assert_bitwise_equal, check_case  # noqa: E402
+from rope_backends.testing.cases import RopeCase  # noqa: E402
+from rope_backends.testing.make import special_values  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreter():
+    """TRITON_INTERPRET=1 for this module (the kernel module is imported under it)."""
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    kernel_mod = sys.modules.get("rope_backends.backends.triton.kernel")
+    if kernel_mod is not None and not _interpreted(kernel_mod.rope_kernel):
+        raise RuntimeError("the triton kernel was already compiled for a GPU in this process; "
+                           "run these tests in a process without GPU triton calls")
+    yield
+    if saved is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = saved
+
+
+def _interpreted(fn) -> bool:
+    return type(fn).__name__ == "InterpretedFunction"
+
+
+# --------------------------------------------------------------------------------------------
+# bit-exact against the reference, a small but feature-complete grid
+
+C = RopeCase
+CASES = [
+    # both layouts x every dtype, full rotary, head_dim 64
+    *[C("apply", (3, 2, 64), dt, lay) for dt in ("float32", "float16", "bfloat16") for lay in ("neox", "interleaved")],
+    # non power-of-two head dims, partial rotary (pass-through copied out of place, kept in place)
+    C("apply", (3, 2, 80), "bfloat16", "neox", rotary_dim=40),
+    C("apply", (3, 2, 96), "float16", "interleaved", rotary_dim=32),
+    C("apply", (2, 3, 96), "float32", "neox"),
+    C("apply", (2, 2, 80), "bfloat16", "interleaved"),
+    C("apply", (4, 2, 80), "float16", "neox", rotary_dim=24, storage="padded_rows", inplace=True),
+    # strided views: q/k of one fused qkv buffer, [B, H, S, D], permuted, strided head_dim, offset
+    C("apply_qk", (2, 3, 4, 32), "bfloat16", "interleaved", k_heads=2, storage="fused_qkv", inplace=True),
+    C("apply_qk", (2, 3, 4, 32), "float16", "neox", k_heads=2, storage="fused_qkv"),
+    C("apply", (2, 3, 5, 32), "bfloat16", "neox", heads_axis=-3, storage="transposed", inplace=True),
+    C("apply_qk", (2, 4, 3, 16), "float32", "interleaved", k_heads=2, heads_axis=-3),
+    C("apply", (2, 5, 3, 32), "float16", "interleaved", storage="permuted"),
+    C("apply", (3, 2, 32), "bfloat16", "neox", storage="strided_last", inplace=True),
+    C("apply", (3, 2, 32), "float32", "interleaved", storage="offset", rotary_dim=16),
+    C("apply", (3, 2, 2, 32), "float16", "neox", storage="expanded"),
+    # cos/sin: duplicated form, broadcast shapes, expanded/strided/transposed tables, dtypes
+    C("apply", (2, 4, 2, 32), "bfloat16", "neox", cos_form="dup", cos_bcast="batch"),
+    C("apply", (2, 4, 2, 32), "float32", "interleaved", cos_form="dup", cos_dtype="float64"),
+    C("apply", (2, 4, 3, 32), "float16", "neox", cos_bcast="head"),
+    C("apply", (2, 4, 3, 32), "bfloat16", "interleaved", cos_bcast="full", cos_dtype="bfloat16"),
+    C("apply", (2, 4, 3, 32), "float32", "neox", cos_bcast="expanded", cos_dtype="float16"),
+    C("apply", (4, 3, 32), "float16", "interleaved", cos_bcast="strided", cos_form="dup"),
+    C("apply", (4, 3, 32), "bfloat16", "neox", cos_bcast="transposed"),
+    C("apply", (3, 32), "float32", "neox", cos_bcast="scalar"),
+    C("apply", (32,), "bfloat16", "interleaved", cos_bcast="scalar"),
+    C("apply", (2, 2, 3, 2, 32), "float16", "neox", cos_bcast="token"),
+    # apply_qk: GQA / MQA / more k heads, in and out of place
+    C("apply_qk", (4, 8, 32), "bfloat16", "neox", k_heads=2),
+    C("apply_qk", (4, 4, 32), "float16", "interleaved", k_heads=1, inplace=True),
+    C("apply_qk", (4, 1, 32), "float32", "neox", k_heads=4, rotary_dim=16),
+    # apply_cached: positions gathered in the kernel, vLLM [T, H*D], k=None, cache dtypes
+    C("apply_cached", (6, 4, 32), "bfloat16", "neox", k_heads=2),
+    C("apply_cached", (6, 4 * 32), "float16", "interleaved", head_dim=32, k_heads=1, inplace=False),
+    C("apply_cached", (2, 3, 2, 32), "float32", "neox", k_heads=0, rotary_dim=16, inplace=False),
+    C("apply_cached", (5, 2, 32), "bfloat16", "interleaved", k_heads=1, cos_dtype="float64", positions_dtype="int32"),
+    C("apply_cached", (5, 2, 32), "float16", "neox", k_heads=1, cos_dtype="bfloat16"),
+    C("apply_cached", (8, 6 * 32), "bfloat16", "neox", head_dim=32, k_heads=2, storage="fused_qkv"),
+    # MRoPE: the three axis maps, 3-row positions and text-only (1 row)
+    C("apply_cached", (6, 2, 16), "bfloat16", "neox", k_heads=1, mrope=("chunked", (2, 3, 3))),
+    C("apply_cached", (6, 2, 64), "float16", "neox", k_heads=1, mrope=("chunked", (8, 12, 12)), inplace=False),
+    C("apply_cached", (6, 2, 64), "bfloat16", "interleaved", k_heads=1, mrope=("interleaved", (12, 10, 10))),
+    C("apply_cached", (6, 2, 64), "float32", "neox", k_heads=2, mrope=("ernie", (11, 11, 10))),
+    C("apply_cached", (6, 2, 80), "bfloat16", "neox", k_heads=1, rotary_dim=64, mrope=("interleaved", (12, 10, 10)),
+      inplace=False),
+    C("apply_cached", (6, 2, 64), "float16", "neox", k_heads=1, mrope=("chunked", (8, 12, 12)), mrope_rows=1),
+    # empty tensors: no launch, right shapes back
+    C("apply", (0, 3, 32), "float16", "neox"),
+    C("apply_qk", (0, 3, 32), "bfloat16", "interleaved", k_heads=1, inplace=True),
+    C("apply_cached", (0, 2, 32), "float32", "neox", k_heads=1, mrope=("chunked", (4, 6, 6))),
+    # special values in x and in cos/sin / the cache: +-0, subnormals, +-inf, NaN, largest finite
+    *[C("apply", (8, 3, 32), dt, lay, values="special") for dt in ("float32", "float16", "bfloat16")
+      for lay in ("neox", "interleaved")],
+    *[C("apply_qk", (8, 3, 32), dt, "neox", k_heads=1, values="special_cos") for dt in ("float32", "float16", "bfloat16")],
+    C("apply_cached", (8, 3, 32), "bfloat16", "interleaved", k_heads=1, values="special_cos", cos_dtype="float64"),
+    C("apply_cached", (8, 3, 32), "float16", "neox", k_heads=1, values="special", inplace=True),
+    # backward (autograd: the rotation by -theta, the kernel's CONJUGATE)
+    C("apply", (3, 2, 32), "bfloat16", "interleaved", backward=True),
+    C("apply", (3, 2, 80), "float16", "neox", rotary_dim=48, backward=True),
+    C("apply_qk", (3, 4, 32), "float32", "neox", k_heads=1, backward=True, cos_form="dup"),
+    C("apply_qk", (2, 5, 4, 64), "bfloat16", "interleaved", k_heads=2, storage="fused_qkv", backward=True),
+    C("apply_cached", (4, 2, 32), "float16", "neox", k_heads=1, backward=True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_bit_exact(case):
+    check_case(case, "triton", "cpu")
+
+
+def test_grid_covers_the_features():
+    names = {c.name for c in CASES}
+    assert len(names) == len(CASES)
+    have = lambda pred: any(pred(c) for c in CASES)  # noqa: E731
+    assert all(have(lambda c, d=d: c.dtype == d) for d in ("float32", "float16", "bfloat16"))
+    assert all(have(lambda c, lay=lay: c.layout == lay) for lay in ("neox", "interleaved"))
+    assert have(lambda c: c.d == 80) and have(lambda c: c.d == 96) and have(lambda c: c.rd < c.d)
+    assert have(lambda c: c.storage == "fused_qkv") and have(lambda c: c.heads_axis == -3)
+    assert have(lambda c: c.cos_form == "dup") and have(lambda c: c.cos_bcast == "expanded")
+    assert have(lambda c: c.op == "apply_qk" and c.k_heads not in (None, c.heads))
+    assert all(have(lambda c, k=k: c.mrope is not None and c.mrope[0] == k) for k in ("chunked", "interleaved", "ernie"))
+    assert have(lambda c: c.inplace) and have(lambda c: 0 in c.shape)
+    assert have(lambda c: c.values == "special") and have(lambda c: c.values == "special_cos")
+    assert all(have(lambda c, o=o: c.backward and c.op == o) for o in ("apply", "apply_qk", "apply_cached"))
+
+
+def test_mrope_maps_from_the_builders():
+    """rb.mrope.chunked([2, 3, 3]) & co. as users pass them, with 3-row positions."""
+    g = torch.Generator().manual_seed(3)
+    cache = rb.cos_sin_cache(40, 16)
+    for m in (mrope.chunked([2, 3, 3]), mrope.interleaved([2, 3, 3]), mrope.ernie([3, 3, 2])):
+        q = torch.randn(5, 4, 16, generator=g).bfloat16()
+        k = torch.randn(5, 2, 16, generator=g).bfloat16()
+        pos = torch.randint(0, 40, (3, 5), generator=g)
+        q_out, k_out = rb.apply_cached(q, k, pos, cache, mrope=m, inplace=False, backend="triton")
+        args = RopeArgs((q, k), False, Layout.NEOX, 16, positions=pos, cache=cache, mrope=m)
+        want_q, want_k = reference.run(args)
+        assert_bitwise_equal(q_out, want_q, name=f"{m.name} q")
+        assert_bitwise_equal(k_out, want_k, name=f"{m.name} k")
+
+
+# --------------------------------------------------------------------------------------------
+# out-of-range positions: NaN in the rotated part, nothing read out of bounds
+
+@pytest.mark.parametrize("axis_map", [None, mrope.chunked([2, 3, 3]).axis_map], ids=["plain", "mrope"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_out_of_range_positions_give_nan(axis_map, inplace):
+    """CPU validation rejects such positions before a backend runs, so call the backend with a
+    RopeArgs directly (as a GPU call without debug checks reaches it). The cache sits inside a
+    NaN-free buffer whose neighbours are huge values: an out-of-bounds read would show."""
+    g = torch.Generator().manual_seed(7)
+    backing = torch.full((3, 12, 20), 1e30)  # rows before/after the cache: 1e30, never NaN
+    cache = backing[1, 2:10, 2:18]  # [8, 16], strided
+    cache.copy_(rb.cos_sin_cache(8, 16))
+    q = torch.randn(6, 2, 20, generator=g).half()
+    k = torch.randn(6, 1, 20, generator=g).half()
+    if axis_map is None:
+        pos = torch.tensor([0, 8, -1, 7, 1 << 40, 3])
+        args = RopeArgs((q.clone(), k.clone()), inplace, Layout.NEOX, 16, positions=pos, cache=cache)
+    else:
+        pos = torch.tensor([[0, 1, 2, 3, 4, 5], [1, 8, 2, 3, 4, -5], [2, 2, 9, 3, 4, 5]])
+        args = RopeArgs((q.clone(), k.clone()), inplace, Layout.NEOX, 16, positions=pos, cache=cache,
+                        mrope=MRope(axis_map))
+    want = reference.run(RopeArgs((q.clone(), k.clone()), False, Layout.NEOX, 16, positions=pos, cache=cache,
+                                  mrope=args.mrope))
+    got = triton_backend.forward(args)
+    for g_, w in zip(got, want):
+        assert_bitwise_equal(g_, w)
+    bad_tokens = [1, 2, 4] if axis_map is None else [1, 2, 5]
+    assert bool(torch.isnan(got[0][bad_tokens, :, :16]).any(dim=-1).all())
+    assert not bool(torch.isnan(got[0][[0, 3]]).any())
+    assert_bitwise_equal(got[0][..., 16:], q[..., 16:])  # pass-through untouched by NaN
+
+
+# --------------------------------------------------------------------------------------------
+# the conversions the kernel does by hand, over many bit patterns
+
+_K = None  # rope_backends.backends.triton.kernel, imported under the interpreter
+_CONVERT = []
+
+
+def _convert(x_ptr, y_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    v = _K._f32(tl.load(x_ptr + i))
+    tl.store(y_ptr + i, _K._round_to(v, y_ptr.dtype.element_ty))
+
+
+def _run_convert(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """x -> float32 -> out_dtype through the kernel's own helpers (``_f32``, ``_round_to``)."""
+    global _K
+    if not _CONVERT:
+        from rope_backends.backends.triton import kernel
+
+        _K = kernel
+        _CONVERT.append(triton.jit(_convert))  # decorated now, under the interpreter
+    n = x.numel()
+    y = torch.empty(n, dtype=out_dtype)
+    _CONVERT[0][(1,)](x, y, N=n)
+    return y
+
+
+def _random_bits(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randint(-(2**31), 2**31 - 1, (n,), generator=g, dtype=torch.int64).to(torch.int32)
+    specials = special_values(torch.float32).float().view(torch.int32)
+    ties = torch.tensor([0x3F808000, 0x3F818000, 0x3F80_7FFF, 0x3F80_8001, 0x7F7F_FFFF, 0x7F7F_8000,
+                         0x0000_8000, 0x0001_8000, 0x0000_7FFF, 0x7F80_0001, 0x7FFF_FFFF], dtype=torch.int64)
+    ties = ties.to(torch.int32)
+    fixed = torch.cat((specials, ties, ties | (-(2**31))))
+    r[: fixed.numel()] = fixed
+    return r.view(torch.float32)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_float32_rounding_matches_torch(out_dtype):
+    x = _random_bits(1 << 16, seed=11)
+    assert_bitwise_equal(_run_convert(x, out_dtype), x.to(out_dtype))
+
+
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float16])
+def test_every_16_bit_pattern_converts_exactly(in_dtype):
+    """bf16/fp16 -> fp32 for all 65,536 patterns (the interpreter's own bf16 cast gets
+    subnormals wrong; the kernel converts by bits)."""
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(in_dtype)
+    assert_bitwise_equal(_run_convert(x, torch.float32), x.float())
+
+
+def test_float64_rounds_like_tensor_float():
+    g = torch.Generator().manual_seed(5)
+    n = 1 << 14
+    x = torch.randn(n, generator=g, dtype=torch.float64) * torch.exp2(torch.randint(-160, 140, (n,), generator=g).double())
+    x[:19] = special_values(torch.float64)
+    assert_bitwise_equal(_run_convert(x, torch.float32), x.float())
+
+
+# --------------------------------------------------------------------------------------------
+# geometry and launch heuristics
+
+def _args(x, cos, sin, *, inplace=False, layout=Layout.NEOX, rotary_dim=None):
+    return RopeArgs((x,), inplace, layout, rotary_dim or x.shape[-1], cos=cos, sin=sin)
+
+
+def _lead_sizes(plan):
+    return plan.ints[0], plan.ints[1]  # L1, L2 (L0 is implied by the unit count)
+
+
+def test_collapse_contiguous_tokens_to_one_lead_dim():
+    x = torch.empty(2, 7, 3, 32)
+    cos = torch.empty(2, 7, 1, 16)  # per (batch, token): mergeable with x
+    plan = launch.plan_for(_args(x, cos, cos))
+    assert _lead_sizes(plan) == (1, 1)
+    assert plan.ints[3:5] == (2 * 7 * 3, 3)  # q units, q heads
+
+
+def test_bshd_with_token_cos_keeps_two_lead_dims():
+    x = torch.empty(2, 7, 3, 32)
+    cos = torch.empty(7, 1, 16)  # broadcast over the batch: the batch dim cannot merge
+    plan = launch.plan_for(_args(x, cos, cos))
+    assert _lead_sizes(plan) == (7, 1)
+
+
+def test_more_than_three_lead_dims_split_and_stay_exact():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 2, 3, 2, 16, generator=g).bfloat16()
+    cos = torch.rand(2, 1, 2, 1, 1, 8, generator=g)  # alternating broadcast: nothing merges
+    sin = torch.rand(2, 1, 2, 1, 1, 8, generator=g)
+    assert launch.plan_for(_args(x, cos, sin)) is None  # the split fallback
+    got = rb.apply(x, cos, sin, backend="triton")
+    assert_bitwise_equal(got, reference.run(_args(x, cos, sin))[0])
+    xi = x.clone()
+    rb.apply(xi, cos, sin, layout="interleaved", inplace=True, backend="triton")
+    assert_bitwise_equal(xi, reference.run(_args(x, cos, sin, layout=Layout.INTERLEAVED))[0])
+
+
+def test_sin_with_other_strides_than_cos():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 2, 32, generator=g)
+    cos = torch.rand(5, 1, 16, generator=g)
+    sin = torch.rand(16, 5, generator=g).t().unsqueeze(1)  # same shape, transposed storage
+    assert launch.plan_for(_args(x, cos, sin)).contiguous_cos
+    assert_bitwise_equal(rb.apply(x, cos, sin, backend="triton"), reference.run(_args(x, cos, sin))[0])
+
+
+def test_int64_offsets_decided_by_extent():
+    """Meta tensors: shapes and strides without memory."""
+    small = torch.empty(1 << 10, 8, 128, device="meta", dtype=torch.bfloat16)
+    big = torch.empty((1 << 21) + 1, 8, 128, device="meta", dtype=torch.bfloat16)  # > 2**31 elements
+    cos = torch.empty(1, 1, 64, device="meta")
+    assert not launch.plan_for(_args(small, cos, cos)).meta["INT64"]
+    assert launch.plan_for(_args(big, cos, cos)).meta["INT64"]
+    # offsets count from the view's first element: far into a big storage is still int32 ...
+    far = torch.empty(1 << 32, device="meta").as_strided((4, 8, 128), (1024, 128, 1), 3 << 30)
+    assert not launch.plan_for(_args(far, cos, cos)).meta["INT64"]
+    # ... but a few elements 2**30 apart span more than 2**31
+    spread = torch.empty(1 << 32, device="meta").as_strided((4, 8, 128), (1 << 30, 128, 1))
+    assert launch.plan_for(_args(spread, cos, cos)).meta["INT64"]
+
+
+def test_fp_fusion_is_off_and_plans_are_cached(monkeypatch):
+    x = torch.randn(4, 2, 32)
+    cos = torch.rand(4, 1, 16)
+    built = []
+    real = launch._build
+    monkeypatch.setattr(launch, "_build", lambda *a: built.append(1) or real(*a))
+    launch._PLANS.clear()
+    for _ in range(3):
+        rb.apply(x, cos, cos, backend="triton")
+    assert len(built) == 1
+    plan = launch.plan_for(_args(x, cos, cos))
+    assert plan.meta["enable_fp_fusion"] is False
+
+
+def test_gpu_heuristic_ends(monkeypatch):
+    """Long sequences: many heads per program; decode: one unit per program."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setitem(launch._SMS, 0, 132)
+    dev = torch.device("cuda", 0)
+    big_m, big_w = launch._tile(115200 * 24, 115200 * 24, 128, dev)
+    assert big_m >= 16 and big_w >= 4
+    assert launch._tile(40, 32, 128, dev) == (1, 1)  # decode: 32 q + 8 k heads, one token
+    mid_m, _ = launch._tile(4096 * 40, 4096 * 32, 128, dev)
+    assert -(-4096 * 40 // mid_m) >= 4 * 132
+    monkeypatch.setattr(platform, "gpu_vendor", lambda: "rocm")
+    assert launch._tile(115200 * 24, 115200 * 24, 128, dev)[1] == max(1, big_w // 2)
+
+
+def test_interpreter_uses_few_programs():
+    x = torch.empty(6, 4, 32)
+    cos = torch.empty(6, 1, 16)
+    plan = launch.plan_for(_args(x, cos, cos))
+    assert plan.grid == (1,)
+
+
+# --------------------------------------------------------------------------------------------
+# registration, import hygiene, probe
+
+def test_registered_for_cuda_and_cpu_under_the_interpreter():
+    b = rb.registry.get("triton")
+    assert b.device_types == ("cuda",) and b.priority == 100
+    assert b.explicit_device_types() == ("cpu",)
+    assert b.probe() is None
+
+
+def test_probe_reasons(monkeypatch):
+    monkeypatch.setattr(platform, "triton_version", lambda: None)
+    assert "not installed" in triton_backend.probe()
+    monkeypatch.undo()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(platform, "gpu_vendor", lambda: None)
+    assert "no CUDA or ROCm GPU" in triton_backend.probe()
+    assert triton_backend._explicit_device_types() == ()
+    monkeypatch.setattr(platform, "gpu_vendor", lambda: "rocm")
+    assert triton_backend.probe() is None
+
+
+def test_importing_rope_backends_does_not_import_triton():
+    """Only the probe imports triton, and only a call imports the kernel module."""
+    code = ("import sys, rope_backends as rb; a = 'triton' in sys.modules; rb.backends(); "
+            "print(a, 'rope_backends.backends.triton.kernel' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "False False"
