@@ -14,12 +14,11 @@ from __future__ import annotations
 import math
 import os
 
-import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from rope_backends.testing import check_case, runner
+from rope_backends.testing import check_case
 from rope_backends.testing.cases import REDUCED_TIERS, RopeCase
 
 settings.register_profile("ci", max_examples=60, deadline=None, print_blob=True,

@@ -48,7 +48,7 @@ CANARY = {
 }
 _INT_OF = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
-# storage name -> (permute dims -3/-2, head_dim step, row padding, element offset)
+# storages of a rotated tensor (see _storage_params for what each does to the strides)
 STORAGES = ("contiguous", "offset", "transposed", "permuted", "padded_rows", "strided_last", "expanded", "fused_qkv")
 PAD = 16  # canary elements on each side of a buffer (aligned: 16 elements)
 
