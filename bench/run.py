@@ -49,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", default=None, choices=("gpu", "cpu", "tiny"),
                         help="shape set (default: gpu shapes on cuda, cpu shapes elsewhere; tiny: for tests)")
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's; 1 measures steadily on a busy machine)")
+    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                        help="per device: after this many seconds skip the remaining cases (listed in the JSON) "
+                             "so a run under a wall-clock limit still writes its results")
     args = parser.parse_args(argv)
     groups = _list(args.groups)
     for g in groups:
@@ -60,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--device: expected a device present here ({','.join(bm.present_devices())}), got {d!r}")
     command = "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv)
     bm.run(devices, groups, quick=args.quick, out_dir=args.out, scale=args.scale, impls=_list(args.impls),
-           skip=_list(args.skip), command=command.strip(), plot=not args.no_plot)
+           skip=_list(args.skip), command=command.strip(), plot=not args.no_plot, budget_s=args.budget,
+           threads=args.threads)
     return 0
 
 

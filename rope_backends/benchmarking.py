@@ -670,9 +670,15 @@ class Clock:
         return statistics.median(self.host_sample(fn) for _ in range(5 if self.quick else 9))
 
     def graph(self, fn) -> float:
+        """Median time per call of ``fn`` replayed in a CUDA graph (many calls per graph)."""
         from triton.testing import do_bench_cudagraph
 
-        return float(do_bench_cudagraph(fn, rep=10 if self.quick else 20, return_mode="median")) * 1e3
+        rep = 10 if self.quick else 20
+        try:
+            ms = do_bench_cudagraph(fn, rep=rep, return_mode="median")
+        except TypeError:  # a Triton without return_mode
+            ms = do_bench_cudagraph(fn, rep=rep)
+        return float(ms) * 1e3
 
     def host_sample(self, fn) -> float:
         """One sample of the wall time per call of back-to-back calls ending with one sync: the
@@ -914,15 +920,20 @@ def _run_case(case: Case, impls: list[Impl], clock: Clock, copy_gbps: float, pro
                 continue
             rows.append(_row(case, impl, clock.time(fn), clock.method, copy_gbps, exact, len(sets)))
             if case.graph and device.type == "cuda":
-                try:
-                    gus = clock.graph(_rotating([impl.prepare(s) for s in sets]))
-                    rows.append(_row(case, impl, gus, "cuda_graph", copy_gbps, exact, len(sets)))
-                except Skip:
-                    raise
-                except Exception as exc:  # eager code that copies host scalars cannot be captured
-                    torch.cuda.synchronize()
+                sync = _synchronises(fn)
+                if sync is not None:  # a capture would fail: say so instead of trying
                     skipped.append({"group": case.group, "scenario": case.scenario, "implementation": impl.name,
-                                    "timing": "cuda_graph", "reason": f"not capturable: {type(exc).__name__}: {str(exc)[:200]}"})
+                                    "timing": "cuda_graph",
+                                    "reason": f"not capturable: a call synchronises with the host ({sync[:160]})"})
+                else:
+                    try:
+                        gus = clock.graph(_rotating([impl.prepare(s) for s in sets]))
+                        rows.append(_row(case, impl, gus, "cuda_graph", copy_gbps, exact, len(sets)))
+                    except Exception as exc:
+                        torch.cuda.synchronize()
+                        skipped.append({"group": case.group, "scenario": case.scenario, "implementation": impl.name,
+                                        "timing": "cuda_graph",
+                                        "reason": f"capture failed: {type(exc).__name__}: {str(exc)[:200]}"})
         except Skip as exc:
             skipped.append({"group": case.group, "scenario": case.scenario, "implementation": impl.name,
                             "reason": str(exc)})
@@ -941,6 +952,22 @@ def _run_case(case: Case, impls: list[Impl], clock: Clock, copy_gbps: float, pro
     del sets, refs, pristine, host
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _synchronises(fn) -> str | None:
+    """Run ``fn`` once with CUDA sync debugging set to error: the message when it synchronises
+    (a host-to-device copy of a Python scalar does), else None."""
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return None
+    except RuntimeError as exc:
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+        torch.cuda.synchronize()
 
 
 _EMPTY = {}
@@ -1045,7 +1072,7 @@ def _direct_triton(d: dict, op: str):
     return run_
 
 
-def _rope_index_rows(device: torch.device, quick: bool, skipped: list, progress: Progress) -> list[dict]:
+def _rope_index_rows(device: torch.device, skipped: list, progress: Progress) -> list[dict]:
     path = _ROOT / "bench" / "rope_index.py"
     if not path.is_file():
         msg = f"rope_index: {path} not found (a source checkout has it): group skipped"
@@ -1066,7 +1093,8 @@ def _rope_index_rows(device: torch.device, quick: bool, skipped: list, progress:
     for name, setup in setups.items():
         progress.show(f"rope_index {name}", case_start=True)
         try:
-            r = module.bench_one(name, setup, "qwen3_vl", device.type, quick)
+            # its quick mode: the full rope_index bench is python bench/rope_index.py
+            r = module.bench_one(name, setup, "qwen3_vl", device.type, True)
         except Exception as exc:
             skipped.append({"group": "rope_index", "scenario": name, "reason": f"failed: {type(exc).__name__}: {exc}"})
             continue
@@ -1099,13 +1127,31 @@ def _cases(group: str, scale: str, device: torch.device) -> list[Case]:
 
 def run_device(device: str | torch.device, groups: Sequence[str] = GROUPS, *, quick: bool = False,
                scale: str | None = None, impls: Sequence[str] = (), skip: Sequence[str] = (),
-               progress: bool = True, command: str | None = None, short: bool = False) -> dict:
+               progress: bool = True, command: str | None = None, short: bool = False,
+               budget_s: float | None = None, threads: int | None = None) -> dict:
     """Run the chosen groups on one device and return the result document (the JSON's content).
 
-    scale: "gpu" shapes on a GPU, "cpu" shapes elsewhere by default; "tiny" for tests."""
+    scale: "gpu" shapes on a GPU, "cpu" shapes elsewhere by default; "tiny" for tests.
+    budget_s: once this many seconds have passed, the remaining cases are listed as skipped
+    (so a run under a wall-clock limit still writes its results).
+    threads: torch CPU threads for this run (default: torch's setting); on a machine that other
+    work keeps busy, threaded kernels wait for each other and 1 thread measures more steadily."""
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        return _run_device(device, groups, quick=quick, scale=scale, impls=impls, skip=skip, progress=progress,
+                           command=command, short=short, budget_s=budget_s)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_device(device, groups, *, quick, scale, impls, skip, progress, command, short, budget_s) -> dict:
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)  # do_bench and Triton launch on the current device
     for g in groups:
         if g not in GROUPS:
             raise ValueError(f"groups: expected names from {GROUPS}, got {g!r}")
@@ -1134,6 +1180,10 @@ def run_device(device: str | torch.device, groups: Sequence[str] = GROUPS, *, qu
     bar = Progress(progress, total)
     rows: list[dict] = []
     for case in plan:
+        if budget_s is not None and time.perf_counter() - t0 > budget_s:
+            skipped.append({"group": case.group, "scenario": case.scenario,
+                            "reason": f"time budget of {budget_s:.0f} s spent: not run"})
+            continue
         if case.host:
             if default is None:
                 continue
@@ -1145,7 +1195,10 @@ def run_device(device: str | torch.device, groups: Sequence[str] = GROUPS, *, qu
         if case is last_llm:
             rows.extend(_launch_rows(device, clock, copy["gbps"], skipped))
     if "rope_index" in groups and not short:
-        rows.extend(_rope_index_rows(device, options.quick, skipped, bar))
+        if budget_s is not None and time.perf_counter() - t0 > budget_s:
+            skipped.append({"group": "rope_index", "reason": f"time budget of {budget_s:.0f} s spent: not run"})
+        else:
+            rows.extend(_rope_index_rows(device, skipped, bar))
     bar.end()
     _add_overheads(rows)
     doc = {
@@ -1172,6 +1225,7 @@ def run_device(device: str | torch.device, groups: Sequence[str] = GROUPS, *, qu
         "rows": rows,
         "skipped": skipped,
         "elapsed_s": time.perf_counter() - t0,
+        "budget_s": budget_s,
     }
     doc["summary"] = summarize(doc)
     return doc
@@ -1222,14 +1276,14 @@ def summarize(doc: dict) -> list[dict]:
     for r in pick(group="diffusion", implementation=best, timing=timing):
         shape = tuple(int(v) for v in r["shape"].strip("()").split(","))
         limit = DIFFUSION_TARGETS.get(shape)
-        add(f"diffusion {r['shape']} % of copy", r["pct_copy"], limit, True, f"{best} {r['gbps']:.0f} GB/s")
+        add(f"diffusion {r['shape']} % of copy", r["pct_copy"], limit, True, f"{best} {r['gbps']:.3g} GB/s")
         comp = pick(group="diffusion", scenario=r["scenario"], implementation="torch.compile", timing=timing)
         if comp:
             add(f"diffusion {r['shape']} speedup over torch.compile", comp[0]["us"] / r["us"], 1.0, True,
                 f"{best} {r['us']:.1f} µs vs compile {comp[0]['us']:.1f} µs")
     for r in pick(group="llm", implementation=best, timing=timing):
         if r["tokens"] >= 4096:
-            add(f"llm {r['op']} T={r['tokens']} % of copy", r["pct_copy"], 85, True, f"{best} {r['gbps']:.0f} GB/s")
+            add(f"llm {r['op']} T={r['tokens']} % of copy", r["pct_copy"], 85, True, f"{best} {r['gbps']:.3g} GB/s")
     empty = pick(group="llm", implementation="empty-triton-launch", timing="cuda_graph")
     for r in pick(group="llm", implementation=best, timing="cuda_graph"):
         if empty:
@@ -1285,7 +1339,11 @@ def format_tables(doc: dict) -> str:
     """Markdown tables (readable on a terminal): one per group, then the targets."""
     out = []
     copy = doc["copy_bandwidth"]
-    out.append(f"device: {doc['device']['name']}   copy bandwidth: {copy['gbps']:.1f} GB/s (read + write)   "
+    dev = doc["device"]
+    extra = ""
+    if dev["type"] == "cpu":
+        extra = f" ({dev.get('threads')} threads, load average {dev.get('load_average_1min') or 0:.1f})"
+    out.append(f"device: {dev['name']}{extra}   copy bandwidth: {copy['gbps']:.1f} GB/s (read + write)   "
                f"torch {doc['versions']['torch']}, triton {doc['versions']['triton']}   default backend: "
                f"{doc.get('default_backend')}")
     for group in GROUPS:
@@ -1430,13 +1488,14 @@ def present_devices() -> list[str]:
 def run(devices: Sequence[str] | None = None, groups: Sequence[str] = GROUPS, *, quick: bool = False,
         out_dir: str | Path | None = None, scale: str | None = None, impls: Sequence[str] = (),
         skip: Sequence[str] = (), progress: bool = True, command: str | None = None, short: bool = False,
-        plot: bool = True, print_tables: bool = True) -> list[dict]:
+        plot: bool = True, print_tables: bool = True, budget_s: float | None = None,
+        threads: int | None = None) -> list[dict]:
     """Run the bench on each device; write ``<out_dir>/<device>-<date>.json`` (+ ``.png``) when
     ``out_dir`` is given; print the tables. Returns the result documents."""
     docs = []
     for dev in devices or present_devices():
         doc = run_device(dev, groups, quick=quick, scale=scale, impls=impls, skip=skip, progress=progress,
-                         command=command, short=short)
+                         command=command, short=short, budget_s=budget_s, threads=threads)
         if out_dir is not None:
             suffix = "-short" if short else ("-quick" if quick else "")
             if scale == "tiny":

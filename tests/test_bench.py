@@ -172,9 +172,17 @@ def test_tables_are_printable(doc):
 def test_rope_index_group_skips_without_its_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bm, "_ROOT", tmp_path)
     skipped = []
-    assert bm._rope_index_rows(torch.device("cpu"), True, skipped, bm.Progress(False, 1)) == []
+    assert bm._rope_index_rows(torch.device("cpu"), skipped, bm.Progress(False, 1)) == []
     assert "not found" in skipped[0]["reason"]
     assert "rope_index" in capsys.readouterr().err
+
+
+def test_time_budget_skips_the_rest_and_still_reports():
+    doc = bm.run_device("cpu", ["diffusion", "dispatch", "rope_index"], budget_s=0.0, **TINY)
+    assert doc["rows"] == []
+    reasons = [s["reason"] for s in doc["skipped"] if "budget" in s["reason"]]
+    assert len(reasons) == len(bm.DIFFUSION_SHAPES["tiny"]) + 2 + 1  # cases + dispatch cases + rope_index
+    assert "### targets" not in bm.format_tables(doc)
 
 
 def test_run_short(monkeypatch, tmp_path, capsys):
