@@ -702,15 +702,15 @@ class Clock:
         self.sync()
         return (time.perf_counter() - start) / n * 1e6
 
-    def host_times(self, fns: Sequence[Callable]) -> list[float]:
-        """Median host time per call of each callable, measured in alternating rounds so that a
-        change of load on the machine biases none of them against the others."""
+    def host_times(self, fns: Sequence[Callable]) -> list[tuple[float, float]]:
+        """(median, min) host time per call of each callable over rounds that alternate between
+        them, so that a change of load on the machine biases none against the others."""
         rounds = 5 if self.quick else 11
         samples: list[list[float]] = [[] for _ in fns]
         for _ in range(rounds):
             for i, fn in enumerate(fns):
                 samples[i].append(self.host_sample(fn))
-        return [statistics.median(s) for s in samples]
+        return [(statistics.median(s), min(s)) for s in samples]
 
 
 def _cache_bytes(device: torch.device) -> int:
@@ -917,8 +917,8 @@ def _run_case(case: Case, impls: list[Impl], clock: Clock, copy_gbps: float, pro
             if case.host:
                 fn()
                 host.append((impl, fn, exact))
-                continue
-            rows.append(_row(case, impl, clock.time(fn), clock.method, copy_gbps, exact, len(sets)))
+            else:
+                rows.append(_row(case, impl, clock.time(fn), clock.method, copy_gbps, exact, len(sets)))
             if case.graph and device.type == "cuda":
                 sync = _synchronises(fn)
                 if sync is not None:  # a capture would fail: say so instead of trying
@@ -947,8 +947,8 @@ def _run_case(case: Case, impls: list[Impl], clock: Clock, copy_gbps: float, pro
     if host:
         progress.show(f"{case.group} {case.scenario}: host time, {len(host)} calls in alternating rounds")
         timing = "torch_timer" if device.type == "cpu" else "host_loop"
-        for (impl, _, exact), us in zip(host, clock.host_times([fn for _, fn, _ in host])):
-            rows.append(_row(case, impl, us, timing, copy_gbps, exact, 1))
+        for (impl, _, exact), (us, best) in zip(host, clock.host_times([fn for _, fn, _ in host])):
+            rows.append(dict(_row(case, impl, us, timing, copy_gbps, exact, 1), us_min=best))
     del sets, refs, pristine, host
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -1245,8 +1245,12 @@ def _add_overheads(rows: list[dict]) -> None:
             continue
         if forward is not None:
             public["overhead_over_forward_us"] = public["us"] - forward["us"]
+            if "us_min" in public and "us_min" in forward:  # the least disturbed rounds
+                public["overhead_over_forward_us_min"] = public["us_min"] - forward["us_min"]
         if direct is not None:
             public["overhead_over_launch_us"] = public["us"] - direct["us"]
+            if "us_min" in public and "us_min" in direct:
+                public["overhead_over_launch_us_min"] = public["us_min"] - direct["us_min"]
             if forward is not None:
                 forward["overhead_over_launch_us"] = forward["us"] - direct["us"]
 
@@ -1303,10 +1307,12 @@ def summarize(doc: dict) -> list[dict]:
     for r in pick(group="dispatch"):
         if "overhead_over_launch_us" in r and r["implementation"].startswith("rb."):
             add(f"host overhead of {r['implementation']} over a direct launch ({r['scenario']})",
-                r["overhead_over_launch_us"], 5.0, False, f"{r['us']:.2f} µs per call")
+                r["overhead_over_launch_us"], 5.0, False,
+                f"{r['us']:.2f} µs per call; least disturbed round {r.get('overhead_over_launch_us_min', 0):+.2f} µs")
         elif "overhead_over_forward_us" in r:
             add(f"host overhead of {r['implementation']} over {best}.forward ({r['scenario']})",
-                r["overhead_over_forward_us"], 5.0, False, f"{r['us']:.2f} µs per call")
+                r["overhead_over_forward_us"], 5.0, False,
+                f"{r['us']:.2f} µs per call; least disturbed round {r.get('overhead_over_forward_us_min', 0):+.2f} µs")
     return out
 
 
@@ -1359,8 +1365,12 @@ def format_tables(doc: dict) -> str:
             extra = ""
             if "overhead_over_launch_us" in r:
                 extra = f"+{r['overhead_over_launch_us']:.2f} µs over launch"
+                if "overhead_over_launch_us_min" in r:
+                    extra += f" (min {r['overhead_over_launch_us_min']:+.2f})"
             if "overhead_over_forward_us" in r:
                 extra = (extra + "; " if extra else "") + f"+{r['overhead_over_forward_us']:.2f} µs over forward"
+                if "overhead_over_forward_us_min" in r:
+                    extra += f" (min {r['overhead_over_forward_us_min']:+.2f})"
             if "host_syncs" in r:
                 extra = f"host syncs {r['host_syncs']}"
             table.append([r["scenario"], r["op"], r["shape"], r["dtype"], name, r["timing"], _fmt(r["us"], 2),

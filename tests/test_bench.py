@@ -97,7 +97,10 @@ def test_dispatch_overhead_fields(doc):
     assert {r["implementation"] for r in public} == {"rb.apply", "rb.apply_cached"}
     forward = {r["scenario"]: r for r in doc["rows"] if r["implementation"] == "eager.forward"}
     for r in public:
-        assert r["overhead_over_forward_us"] == pytest.approx(r["us"] - forward[r["scenario"]]["us"])
+        base = forward[r["scenario"]]
+        assert r["overhead_over_forward_us"] == pytest.approx(r["us"] - base["us"])
+        assert r["overhead_over_forward_us_min"] == pytest.approx(r["us_min"] - base["us_min"])
+        assert 0 < r["us_min"] <= r["us"]
     assert any("host overhead" in s["target"] for s in doc["summary"])
     assert all(s["met"] is None for s in doc["summary"])  # GPU targets: not judged on a CPU
 
