@@ -891,6 +891,7 @@ def _row(case: Case, impl: Impl, us: float, timing: str, copy_gbps: float, bit_e
 def _run_case(case: Case, impls: list[Impl], clock: Clock, copy_gbps: float, progress: Progress,
               rows: list, skipped: list) -> None:
     device = clock.device
+    gpu = clock.type == "cuda"
     progress.show(f"{case.group} {case.scenario} {case.op} {case.shape}", case_start=True)
     nbuf = 1 if case.host else _buffers(case.nbytes, device)
     try:
@@ -919,7 +920,7 @@ def _run_case(case: Case, impls: list[Impl], clock: Clock, copy_gbps: float, pro
                 host.append((impl, fn, exact))
             else:
                 rows.append(_row(case, impl, clock.time(fn), clock.method, copy_gbps, exact, len(sets)))
-            if case.graph and device.type == "cuda":
+            if case.graph and gpu:
                 sync = _synchronises(fn)
                 if sync is not None:  # a capture would fail: say so instead of trying
                     skipped.append({"group": case.group, "scenario": case.scenario, "implementation": impl.name,
@@ -938,7 +939,7 @@ def _run_case(case: Case, impls: list[Impl], clock: Clock, copy_gbps: float, pro
             skipped.append({"group": case.group, "scenario": case.scenario, "implementation": impl.name,
                             "reason": str(exc)})
         except Exception as exc:
-            if device.type == "cuda":
+            if gpu:
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
             skipped.append({"group": case.group, "scenario": case.scenario, "implementation": impl.name,
@@ -946,11 +947,11 @@ def _run_case(case: Case, impls: list[Impl], clock: Clock, copy_gbps: float, pro
         progress.done += 1
     if host:
         progress.show(f"{case.group} {case.scenario}: host time, {len(host)} calls in alternating rounds")
-        timing = "torch_timer" if device.type == "cpu" else "host_loop"
+        timing = "torch_timer" if clock.type == "cpu" else "host_loop"
         for (impl, _, exact), (us, best) in zip(host, clock.host_times([fn for _, fn, _ in host])):
             rows.append(dict(_row(case, impl, us, timing, copy_gbps, exact, 1), us_min=best))
     del sets, refs, pristine, host
-    if device.type == "cuda":
+    if gpu:
         torch.cuda.empty_cache()
 
 
@@ -988,7 +989,7 @@ def _empty_kernel():
 
 def _launch_rows(device: torch.device, clock: Clock, copy_gbps: float, skipped: list) -> list[dict]:
     """An empty Triton launch, timed as the rope calls are (do_bench and CUDA-graph replay)."""
-    if device.type != "cuda":
+    if clock.type != "cuda":
         return []
     try:
         kernel = _empty_kernel()

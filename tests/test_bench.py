@@ -139,6 +139,61 @@ def test_in_place_peers_are_checked_on_fresh_inputs():
     assert len(rows) == 3 and all(r["bit_exact"] for r in rows)
 
 
+def test_gpu_code_paths_with_faked_timers(monkeypatch):
+    """The CUDA-only plumbing (graph rows, the capturability pre-check, the empty-launch baseline,
+    the GPU targets) on CPU tensors, with Triton's timers and the torch.cuda calls faked (the
+    empty kernel runs under the Triton interpreter). Timings are fake; the structure is real."""
+    import triton.testing
+
+    calls = {"do_bench": 0, "graph": 0}
+
+    def fake_do_bench(fn, warmup=25, rep=100, return_mode="mean", **kw):
+        fn()
+        calls["do_bench"] += 1
+        return 0.010
+
+    def fake_graph(fn, rep=20, return_mode="mean", **kw):
+        fn()
+        calls["graph"] += 1
+        return 0.004
+
+    mode = {"now": 0}
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", fake_graph)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: mode["now"])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda m: mode.__setitem__("now", m))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(bm, "_EMPTY", {})
+
+    def syncing(d):
+        def run():
+            if mode["now"] == "error":
+                raise RuntimeError("called a synchronizing CUDA operation")
+            return bm._ref_qk(d, "neox")
+        return run
+
+    clock = bm.Clock(torch.device("cpu"), quick=True)
+    clock.type = "cuda"
+    case = bm._llm_cases("tiny", torch.device("cpu"), graphs=True)[0]
+    assert case.op == "apply_qk" and case.graph
+    impls = bm._impls(case, torch.device("cpu"), ["eager"], bm.Options(quick=True, skip=("torch.compile",)))
+    impls.append(bm.Impl("syncing", "peer", syncing))
+    rows, skipped = [], []
+    bm._run_case(case, impls, clock, 3000.0, bm.Progress(False, 1), rows, skipped)
+    rows += bm._launch_rows(torch.device("cpu"), clock, 3000.0, skipped)
+    graph = {r["implementation"] for r in rows if r["timing"] == "cuda_graph"}
+    assert graph == {"eager", "eager-strided", "eager-stack+flatten", "empty-triton-launch"}
+    assert {r["implementation"] for r in rows if r["timing"] == "do_bench"} == graph | {"syncing"}
+    assert any(s["implementation"] == "syncing" and "not capturable" in s["reason"] for s in skipped)
+    assert mode["now"] == 0  # the sync debug mode is restored
+    assert calls["graph"] == 4
+    doc = {"rows": rows, "default_backend": "eager", "device": {"type": "cuda"}}
+    ratio = [s for s in bm.summarize(doc) if "graph replay / empty launch" in s["target"]]
+    assert len(ratio) == 1 and ratio[0]["value"] == pytest.approx(1.0) and ratio[0]["met"] is True
+
+
 def test_json_report_and_plot(doc, tmp_path, monkeypatch):
     path = bm.write_json(doc, tmp_path)
     assert path.name == f"{doc['device_label']}-{doc['date']}.json"
