@@ -441,6 +441,18 @@ def test_cache_not_poisoned_by_a_concurrent_unregistration(fakes):
 
 # ---- python -m rope_backends ---------------------------------------------------------------
 
+@pytest.fixture
+def small_tier(monkeypatch):
+    """The CLI runs the real runner on a slice of the fast tier (the whole tier is test_conformance's)."""
+    from rope_backends.testing import cases as case_data
+    from rope_backends.testing import runner
+
+    subset = case_data.sample_cases()[::40]
+    monkeypatch.setattr(case_data, "cases_for", lambda *a, **k: subset)
+    monkeypatch.setattr(runner, "cases_for", lambda *a, **k: subset)
+    return subset
+
+
 def test_cli_info(monkeypatch, capsys):
     from rope_backends.__main__ import main
 
@@ -454,7 +466,7 @@ def test_cli_info(monkeypatch, capsys):
         assert f"\n{b.name} " in out
 
 
-def test_cli_check_passes_and_expect(fakes, capsys):
+def test_cli_check_passes_and_expect(fakes, capsys, small_tier):
     from rope_backends.__main__ import main
 
     assert main(["check", "--backend", "eager", "--expect", "eager"]) == 0
@@ -466,7 +478,7 @@ def test_cli_check_passes_and_expect(fakes, capsys):
     assert "apply_qk float16 interleaved on cpu: rb_cli_hijack" in out and "FAILED" in out
 
 
-def test_cli_check_reports_failures(fakes, capsys):
+def test_cli_check_reports_failures(fakes, capsys, small_tier):
     from rope_backends.__main__ import main
 
     def off_by_one(args):
