@@ -1524,12 +1524,16 @@ def run(devices: Sequence[str] | None = None, groups: Sequence[str] = GROUPS, *,
     return docs
 
 
-def run_short(devices: list[str] | None = None, out_dir: str | None = None) -> list[dict]:
+def run_short(devices: list[str] | None = None, out_dir: str | None = None, *, device: str | None = None) -> list[dict]:
     """The short bench of ``python -m rope_backends check --bench``: on each device (default:
     every device present) the copy bandwidth, one diffusion shape, decode and prefill
     ``apply_cached`` and the dispatch overhead, for the backends and the cheap peers (no
     ``torch.compile``: its compile time would dominate). Prints its table; returns the rows
-    (each with a ``device`` key). A few seconds on a 2-core CPU."""
+    (each with a ``device`` key). A few seconds on a 2-core CPU.
+
+    ``device``: one device type, the same as ``devices=[device]`` (for callers that have one)."""
+    if device is not None:
+        devices = [device] if devices is None else list(devices) + [device]
     rows = []
     for doc in run(devices, ("diffusion", "llm", "dispatch"), short=True, out_dir=out_dir,
                    command=" ".join(getattr(sys, "orig_argv", sys.argv)), plot=False):
