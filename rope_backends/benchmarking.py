@@ -1393,6 +1393,8 @@ def format_tables(doc: dict) -> str:
                 seen.add(text)
                 out.append(text)
     summary = doc.get("summary") or []
+    if doc.get("short") and doc["device"]["type"] != "cuda":
+        summary = []  # GPU targets: noise in a newcomer's short CPU table (still in the JSON)
     if summary:
         out.append("")
         out.append("### targets (issue 3; defined for the GPU)")
