@@ -763,7 +763,7 @@ def copy_bandwidth(device: torch.device, quick: bool = False) -> dict:
     dst = torch.empty_like(src)
     us = clock.time(lambda: dst.copy_(src))
     method = {"cuda": "device-to-device Tensor.copy_ timed with triton.testing.do_bench (median)",
-              "cpu": f"Tensor.copy_ (memcpy) on {torch.get_num_threads()} threads, torch.utils.benchmark median"}
+              "cpu": f"Tensor.copy_ (memcpy) on {torch.get_num_threads()} thread(s), torch.utils.benchmark median"}
     del src, dst
     return {"gbps": 2 * nbytes / us / 1e3, "bytes_per_copy": nbytes, "us": us,
             "method": method.get(device.type, "Tensor.copy_, host loop with a device sync")}
