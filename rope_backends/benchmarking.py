@@ -1172,7 +1172,8 @@ def _run_device(device, groups, *, quick, scale, impls, skip, progress, command,
     backend_names, skipped = _backend_names(device.type)
     default = backend_names[0] if backend_names else None
     plan = []
-    for g in groups:
+    # dispatch first: seconds, and a target of its own, so a time budget never cuts it
+    for g in sorted(groups, key=lambda g: g != "dispatch"):
         if g == "rope_index" or (scale.startswith("short") and g in ("mrope", "backward")):
             continue
         plan.extend(_cases(g, scale, device))

@@ -240,6 +240,8 @@ def test_time_budget_skips_the_rest_and_still_reports():
     assert doc["rows"] == []
     reasons = [s["reason"] for s in doc["skipped"] if "budget" in s["reason"]]
     assert len(reasons) == len(bm.DIFFUSION_SHAPES["tiny"]) + 2 + 1  # cases + dispatch cases + rope_index
+    first = next(s for s in doc["skipped"] if "budget" in s["reason"])
+    assert first["group"] == "dispatch"  # run first: a budget never cuts the cheap target
     assert "### targets" not in bm.format_tables(doc)
 
 
