@@ -27,6 +27,9 @@ import torch  # noqa: E402
 from rope_backends import benchmarking as bm  # noqa: E402
 
 
+GPU_BUDGET_S = 540.0  # the GPU machine's commands are killed at 600 s: stop early, keep the results
+
+
 def _list(text: str | None) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()] if text else []
 
@@ -53,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch CPU threads (default: torch's; 1 measures steadily on a busy machine)")
     parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                         help="per device: after this many seconds skip the remaining cases (listed in the JSON) "
-                             "so a run under a wall-clock limit still writes its results")
+                             f"so a run under a wall-clock limit still writes its results (default: {GPU_BUDGET_S:.0f} "
+                             "on cuda, none elsewhere; 'inf' for none)")
     args = parser.parse_args(argv)
     groups = _list(args.groups)
     for g in groups:
@@ -63,9 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     for d in devices:
         if d.split(":")[0] == "cuda" and not torch.cuda.is_available():
             parser.error(f"--device: expected a device present here ({','.join(bm.present_devices())}), got {d!r}")
+    budget = args.budget
+    if budget is None and any(d.split(":")[0] == "cuda" for d in devices):
+        budget = GPU_BUDGET_S
+    if budget is not None and budget == float("inf"):
+        budget = None
     command = "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv)
     bm.run(devices, groups, quick=args.quick, out_dir=args.out, scale=args.scale, impls=_list(args.impls),
-           skip=_list(args.skip), command=command.strip(), plot=not args.no_plot, budget_s=args.budget,
+           skip=_list(args.skip), command=command.strip(), plot=not args.no_plot, budget_s=budget,
            threads=args.threads)
     return 0
 

@@ -1129,25 +1129,27 @@ def _cases(group: str, scale: str, device: torch.device) -> list[Case]:
 def run_device(device: str | torch.device, groups: Sequence[str] = GROUPS, *, quick: bool = False,
                scale: str | None = None, impls: Sequence[str] = (), skip: Sequence[str] = (),
                progress: bool = True, command: str | None = None, short: bool = False,
-               budget_s: float | None = None, threads: int | None = None) -> dict:
+               budget_s: float | None = None, threads: int | None = None,
+               checkpoint: Callable[[dict], None] | None = None) -> dict:
     """Run the chosen groups on one device and return the result document (the JSON's content).
 
     scale: "gpu" shapes on a GPU, "cpu" shapes elsewhere by default; "tiny" for tests.
     budget_s: once this many seconds have passed, the remaining cases are listed as skipped
     (so a run under a wall-clock limit still writes its results).
     threads: torch CPU threads for this run (default: torch's setting); on a machine that other
-    work keeps busy, threaded kernels wait for each other and 1 thread measures more steadily."""
+    work keeps busy, threaded kernels wait for each other and 1 thread measures more steadily.
+    checkpoint: called with the partial document (``"partial": True``) after every case."""
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
     try:
         return _run_device(device, groups, quick=quick, scale=scale, impls=impls, skip=skip, progress=progress,
-                           command=command, short=short, budget_s=budget_s)
+                           command=command, short=short, budget_s=budget_s, checkpoint=checkpoint)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run_device(device, groups, *, quick, scale, impls, skip, progress, command, short, budget_s) -> dict:
+def _run_device(device, groups, *, quick, scale, impls, skip, progress, command, short, budget_s, checkpoint) -> dict:
     device = torch.device(device)
     if device.type == "cuda":
         if device.index is None:
@@ -1181,6 +1183,40 @@ def _run_device(device, groups, *, quick, scale, impls, skip, progress, command,
     total = sum(len(_impls(c, device, backend_names, options)) if not c.host else 3 for c in plan)
     bar = Progress(progress, total)
     rows: list[dict] = []
+
+    def document(partial: bool) -> dict:
+        done = [dict(r) for r in rows]
+        _add_overheads(done)
+        doc = {
+            "schema": SCHEMA,
+            "date": _dt.date.today().isoformat(),
+            "device": info,
+            "device_label": device_label(info),
+            "versions": versions(),
+            "command": command if command is not None else " ".join(getattr(sys, "orig_argv", sys.argv)),
+            "quick": options.quick,
+            "short": short,
+            "scale": scale,
+            "groups": list(groups),
+            "default_backend": default,
+            "copy_bandwidth": copy,
+            "byte_counting": BYTE_RULE,
+            "timing": {"cuda": "triton.testing.do_bench median (L2 flushed before each call) with rotating input "
+                               "buffers; decode sizes also under CUDA-graph replay (do_bench_cudagraph median)",
+                       "cpu": "torch.utils.benchmark.Timer.blocked_autorange median, torch threads = "
+                              f"{torch.get_num_threads()}",
+                       "dispatch": "host time per call of back-to-back calls (CPU: the torch Timer)"},
+            "bit_exact_rule": "each implementation's output compared once, bit for bit (all NaNs equal), with "
+                              "rope_backends.reference on the same inputs; for the backward group the gradient",
+            "rows": done,
+            "skipped": list(skipped),
+            "elapsed_s": time.perf_counter() - t0,
+            "budget_s": budget_s,
+            "partial": partial,
+        }
+        doc["summary"] = summarize(doc)
+        return doc
+
     for case in plan:
         if budget_s is not None and time.perf_counter() - t0 > budget_s:
             skipped.append({"group": case.group, "scenario": case.scenario,
@@ -1196,41 +1232,15 @@ def _run_device(device, groups, *, quick, scale, impls, skip, progress, command,
         _run_case(case, case_impls, clock, copy["gbps"], bar, rows, skipped)
         if case is last_llm:
             rows.extend(_launch_rows(device, clock, copy["gbps"], skipped))
+        if checkpoint is not None:  # results so far survive a run that is killed
+            checkpoint(document(partial=True))
     if "rope_index" in groups and not short:
         if budget_s is not None and time.perf_counter() - t0 > budget_s:
             skipped.append({"group": "rope_index", "reason": f"time budget of {budget_s:.0f} s spent: not run"})
         else:
             rows.extend(_rope_index_rows(device, skipped, bar))
     bar.end()
-    _add_overheads(rows)
-    doc = {
-        "schema": SCHEMA,
-        "date": _dt.date.today().isoformat(),
-        "device": info,
-        "device_label": device_label(info),
-        "versions": versions(),
-        "command": command if command is not None else " ".join(getattr(sys, "orig_argv", sys.argv)),
-        "quick": options.quick,
-        "short": short,
-        "scale": scale,
-        "groups": list(groups),
-        "default_backend": default,
-        "copy_bandwidth": copy,
-        "byte_counting": BYTE_RULE,
-        "timing": {"cuda": "triton.testing.do_bench median (L2 flushed before each call) with rotating input "
-                           "buffers; decode sizes also under CUDA-graph replay (do_bench_cudagraph median)",
-                   "cpu": "torch.utils.benchmark.Timer.blocked_autorange median, torch threads = "
-                          f"{torch.get_num_threads()}",
-                   "dispatch": "host time per call of back-to-back calls (CPU: the torch Timer)"},
-        "bit_exact_rule": "each implementation's output compared once, bit for bit (all NaNs equal), with "
-                          "rope_backends.reference on the same inputs; for the backward group the gradient",
-        "rows": rows,
-        "skipped": skipped,
-        "elapsed_s": time.perf_counter() - t0,
-        "budget_s": budget_s,
-    }
-    doc["summary"] = summarize(doc)
-    return doc
+    return document(partial=False)
 
 
 def _add_overheads(rows: list[dict]) -> None:
@@ -1507,13 +1517,14 @@ def run(devices: Sequence[str] | None = None, groups: Sequence[str] = GROUPS, *,
     """Run the bench on each device; write ``<out_dir>/<device>-<date>.json`` (+ ``.png``) when
     ``out_dir`` is given; print the tables. Returns the result documents."""
     docs = []
+    suffix = "-short" if short else ("-quick" if quick else "")
+    if scale == "tiny":
+        suffix += "-tiny"
+    checkpoint = (lambda partial: write_json(partial, out_dir, suffix)) if out_dir is not None else None
     for dev in devices or present_devices():
         doc = run_device(dev, groups, quick=quick, scale=scale, impls=impls, skip=skip, progress=progress,
-                         command=command, short=short, budget_s=budget_s, threads=threads)
+                         command=command, short=short, budget_s=budget_s, threads=threads, checkpoint=checkpoint)
         if out_dir is not None:
-            suffix = "-short" if short else ("-quick" if quick else "")
-            if scale == "tiny":
-                suffix += "-tiny"
             path = write_json(doc, out_dir, suffix)
             png = write_plot(doc, path.with_suffix(".png")) if plot else None
             doc["_files"] = [str(path)] + ([str(png)] if png else [])

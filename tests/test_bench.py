@@ -245,6 +245,13 @@ def test_time_budget_skips_the_rest_and_still_reports():
     assert "### targets" not in bm.format_tables(doc)
 
 
+def test_checkpoints_after_every_case():
+    seen = []
+    doc = bm.run_device("cpu", ["dispatch"], checkpoint=seen.append, **TINY)
+    assert [len(d["rows"]) for d in seen] == [2, 4] and all(d["partial"] for d in seen)  # rb.* and eager.forward
+    assert doc["partial"] is False and len(doc["rows"]) == 4
+
+
 def test_run_short(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(bm.DIFFUSION_SHAPES, "short-cpu", [(1, 16, 2, 32)])
     monkeypatch.setitem(bm.LLM_TOKENS, "short-cpu", [1])
@@ -272,6 +279,7 @@ def test_command_line(tmp_path):
     (path,) = out.glob("*.json")
     saved = json.loads(path.read_text())
     assert saved["command"].startswith("python -m bench --device cpu")
+    assert saved["partial"] is False  # the final write replaced the per-case checkpoints
     assert {r["implementation"] for r in saved["rows"]} == {"rb.apply", "rb.apply_cached", "eager.forward"}
 
 
