@@ -68,6 +68,18 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor, layout: Layout, rotary_dim: int,
     return out
 
 
+_AXIS_ROWS: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
+
+
+def _axis_rows(axis_map: tuple[int, ...], device: torch.device) -> Tensor:
+    """The axis map as an index tensor on ``device``, built once per (map, device): a
+    host->device copy per call would synchronise and break CUDA-graph capture."""
+    rows = _AXIS_ROWS.get((axis_map, device))
+    if rows is None:
+        rows = _AXIS_ROWS[(axis_map, device)] = torch.tensor(axis_map, device=device)
+    return rows
+
+
 def cos_sin_from_cache(
     positions: Tensor, cache: Tensor, axis_map: tuple[int, ...] | None
 ) -> tuple[Tensor, Tensor]:
@@ -77,8 +89,7 @@ def cos_sin_from_cache(
     max_position = cache.shape[0]
     cols = torch.arange(half, device=positions.device)
     if axis_map is not None:
-        rows = torch.tensor(axis_map, device=positions.device)
-        pos = positions.index_select(0, rows).movedim(0, -1)  # [*lead, half]: row axis_map[i] for pair i
+        pos = positions.index_select(0, _axis_rows(axis_map, positions.device)).movedim(0, -1)  # [*lead, half]
     else:
         pos = positions.unsqueeze(-1)  # [*lead, 1]: one position for every pair
     pos = pos.long()
@@ -86,8 +97,8 @@ def cos_sin_from_cache(
     safe = pos.clamp(0, max(max_position - 1, 0))
     cos = cache[safe, cols].float()
     sin = cache[safe, cols + half].float()
-    nan = torch.tensor(float("nan"), device=cache.device)
-    return torch.where(valid, cos, nan), torch.where(valid, sin, nan)
+    # a Python scalar, not a tensor: building one on the device would be a host->device copy
+    return torch.where(valid, cos, float("nan")), torch.where(valid, sin, float("nan"))
 
 
 def run(args: RopeArgs) -> tuple[Tensor, ...]:
