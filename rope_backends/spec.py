@@ -236,6 +236,31 @@ def _need_distinct(q: Tensor, k: Tensor) -> None:
 # one builder per public entry point
 
 
+# Signatures of calls that passed every check below. Those checks read metadata only (types,
+# shapes, strides, dtypes, devices, grad flags, options), so a signature seen before passes again
+# without re-checking: it is what keeps rb.apply's host overhead in the low microseconds. A new
+# signature takes the full checks, which raise the precise errors. Value: (layout, rotary_dim,
+# how to take the half form of cos/sin: 0 as given, 1 first half, 2 even elements).
+_TABLE_SIGNATURES: dict[tuple, tuple[Layout, int, int]] = {}
+_MAX_SIGNATURES = 4096  # serving changes T every step: bound the memory, re-validate after a clear
+
+
+def _signature(tensors: tuple[tuple[str, object], ...], cos: object, sin: object,
+               layout: object, rotary_dim: object, inplace: object) -> tuple | None:
+    if type(cos) is not Tensor or type(sin) is not Tensor or type(layout) not in (str, Layout):
+        return None  # subclasses (Parameter, FakeTensor) and odd arguments take the full checks
+    if (rotary_dim is not None and type(rotary_dim) is not int) or type(inplace) is not bool:
+        return None  # 1 == True as a key: only exact ints and bools may share a signature
+    key = (layout, rotary_dim, inplace, torch.is_grad_enabled(),
+           cos.shape, cos.stride(), cos.dtype, cos.device, cos.requires_grad,
+           sin.shape, sin.stride(), sin.dtype, sin.device, sin.requires_grad)
+    for _, t in tensors:
+        if type(t) is not Tensor:
+            return None
+        key += (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
+    return key
+
+
 def args_for_tables(
     tensors: tuple[tuple[str, object], ...],
     cos: object,
@@ -245,6 +270,36 @@ def args_for_tables(
     inplace: bool,
 ) -> RopeArgs:
     """Validate ``apply`` (one tensor) or ``apply_qk`` (q, k) with explicit cos/sin."""
+    key = None if torch.compiler.is_compiling() else _signature(tensors, cos, sin, layout, rotary_dim, inplace)
+    known = _TABLE_SIGNATURES.get(key) if key is not None else None
+    if known is not None:
+        layout, rotary_dim, form = known
+        checked = tuple(t for _, t in tensors)
+        if len(checked) == 2:
+            _need_distinct(*checked)  # addresses are not part of the signature
+        if form == 1:
+            cos, sin = cos[..., : rotary_dim // 2], sin[..., : rotary_dim // 2]
+        elif form == 2:
+            cos, sin = cos[..., ::2], sin[..., ::2]
+        return RopeArgs(checked, inplace, layout, rotary_dim, cos=cos, sin=sin)
+    args = _check_tables(tensors, cos, sin, layout, rotary_dim, inplace)
+    if key is not None:
+        if len(_TABLE_SIGNATURES) >= _MAX_SIGNATURES:
+            _TABLE_SIGNATURES.clear()
+        form = 0 if args.cos is cos else (1 if args.layout is Layout.NEOX else 2)
+        _TABLE_SIGNATURES[key] = (args.layout, args.rotary_dim, form)
+    return args
+
+
+def _check_tables(
+    tensors: tuple[tuple[str, object], ...],
+    cos: object,
+    sin: object,
+    layout: Layout | str,
+    rotary_dim: int | None,
+    inplace: bool,
+) -> RopeArgs:
+    """Every check of :func:`args_for_tables`, raising the precise error."""
     layout = Layout.parse(layout)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace: expected a bool, got {type(inplace).__name__}")
