@@ -347,6 +347,22 @@ def test_gpu_heuristic_ends(monkeypatch):
     assert launch._tile(115200 * 24, 115200 * 24, 128, dev)[1] == max(1, big_w // 2)
 
 
+def test_direct_launch_arguments_follow_the_kernel_signature():
+    """Direct launches pass ``plan.tail`` (ints, then constexpr values) after the 9 pointers, in
+    the order of rope_kernel's parameters; under the interpreter they go through run() only."""
+    from rope_backends.backends.triton import kernel
+
+    x = torch.randn(6, 4, 32)
+    cos = torch.rand(6, 1, 16)
+    rb.apply(x, cos, cos, backend="triton")
+    plan = launch.plan_for(_args(x, cos, cos))
+    names = kernel.rope_kernel.arg_names
+    assert len(names) == 9 + len(plan.tail)
+    assert dict(zip(names[9 + len(plan.ints):], plan.tail[len(plan.ints):])) == {
+        k: plan.meta[k] for k in launch._CONSTEXPRS}
+    assert launch._FAST is False and plan.compiled == {}
+
+
 def test_interpreter_uses_few_programs():
     x = torch.empty(6, 4, 32)
     cos = torch.empty(6, 1, 16)

@@ -40,8 +40,12 @@ _PLANS: dict[tuple, "Plan | None"] = {}      # signature -> plan (None: split th
 _AXIS: dict[tuple, Tensor] = {}              # (axis_map, device) -> int32 [half] on device
 _SMS: dict[int, int] = {}                    # device index -> multiprocessors
 _FORCED: tuple[int, int] | None = None       # (BLOCK_M, num_warps) for benchmark sweeps
+_FAST = True                                 # launch cached compiled kernels directly (see _launch)
 _KERNEL = None
 _NEOX = Layout.NEOX
+# rope_kernel's constexpr parameters, in signature order (kernel.py)
+_CONSTEXPRS = ("LAYOUT", "CONJUGATE", "HAS_POSITIONS", "MROPE", "HAS_K", "COPY_PASS", "INT64",
+               "HALF", "ROT", "HEAD_DIM", "BLOCK_M", "BLOCK_HALF", "BLOCK_PASS")
 _SEPARATE = "separate"  # plan marker: launch q and k separately
 
 
@@ -53,6 +57,8 @@ class Plan(NamedTuple):
     meta: dict               # constexprs and launch options
     contiguous_cos: bool     # cos/sin strides differ: pass contiguous copies (same strides)
     dummy_cache: bool        # empty cache: every position is out of range, read nothing
+    tail: tuple              # ints, then the constexprs in signature order (direct launches)
+    compiled: dict           # pointer alignment -> compiled kernel (direct launches)
 
 
 def set_config(block_m: int | None, num_warps: int | None = None) -> None:
@@ -66,10 +72,14 @@ def set_config(block_m: int | None, num_warps: int | None = None) -> None:
 def _kernel():
     """The jitted kernel; importing kernel.py imports triton. Which flavour (compiled or
     interpreted) is fixed by TRITON_INTERPRET when this first runs, as Triton's jit decides it."""
-    global _KERNEL
+    global _KERNEL, _FAST
     if _KERNEL is None:
         from . import kernel
 
+        names = list(kernel.rope_kernel.arg_names)
+        if names[-len(_CONSTEXPRS):] != list(_CONSTEXPRS):  # keep _CONSTEXPRS in step with the kernel
+            raise RuntimeError(f"rope_kernel's constexprs {names[-len(_CONSTEXPRS):]} != {_CONSTEXPRS}")
+        _FAST = _FAST and not platform.triton_interpret()
         _KERNEL = kernel.rope_kernel
     return _KERNEL
 
@@ -143,13 +153,47 @@ def _run(args: RopeArgs, pairs) -> None:
         if plan.dummy_cache:
             cache = torch.zeros((1, cache.shape[1]), dtype=cache.dtype, device=cache.device)
         axis = _axis_tensor(args.mrope.axis_map, q.device) if plan.meta["MROPE"] else None
-    kernel = _KERNEL or _kernel()
+    ptrs = (q, qo, k, ko, cos, sin, pos, cache, axis)
     index = q.get_device()
-    if index >= 0 and index != torch.cuda.current_device():
+    if index >= 0 and index != _current_device():
         with torch.cuda.device(index):  # Triton launches on the current device and stream
-            kernel.run(q, qo, k, ko, cos, sin, pos, cache, axis, *plan.ints, grid=plan.grid, warmup=False, **plan.meta)
+            _launch(plan, ptrs)
         return
-    kernel.run(q, qo, k, ko, cos, sin, pos, cache, axis, *plan.ints, grid=plan.grid, warmup=False, **plan.meta)
+    _launch(plan, ptrs)
+
+
+def _launch(plan: "Plan", ptrs: tuple) -> None:
+    """Launch ``rope_kernel`` for ``plan`` with these tensors.
+
+    Triton's ``JITFunction.run`` re-derives the specialisation of all ~60 arguments on every
+    call (about 49 us of host time per launch on the H100 machine, triton 3.6). A plan fixes
+    every integer argument and constexpr, so what is left to specialise on is the 16-byte
+    alignment of the pointers: the compiled kernel is kept per (plan, alignment) and launched
+    directly (``CompiledKernel[grid](*args)``, the same launcher ``run`` ends in). The first call
+    of each goes through ``run``, which compiles and returns the compiled kernel."""
+    global _FAST
+    if _FAST:
+        first = ptrs[0].data_ptr() | ptrs[1].data_ptr()
+        for t in ptrs[2:]:
+            if t is not None:
+                first |= t.data_ptr()
+        align = (first & 15) == 0 or tuple(t is None or t.data_ptr() % 16 == 0 for t in ptrs)
+        compiled = plan.compiled.get(align)
+        if compiled is not None:
+            try:
+                compiled[plan.grid](*ptrs, *plan.tail)
+                return
+            except TypeError:  # another Triton's launcher convention: always go through run
+                _FAST = False
+    kernel = _KERNEL or _kernel()
+    compiled = kernel.run(*ptrs, *plan.ints, grid=plan.grid, warmup=False, **plan.meta)
+    if _FAST and compiled is not None and hasattr(compiled, "__getitem__"):
+        plan.compiled[align] = compiled
+
+
+# torch.cuda.current_device() re-checks lazy initialisation on every call; a CUDA tensor in
+# hand means CUDA is initialised, so ask the device index directly where torch has the call
+_current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 
 
 def _axis_tensor(axis_map: tuple[int, ...], device: torch.device) -> Tensor:
@@ -330,7 +374,8 @@ def _build(args: RopeArgs, pairs) -> "Plan | str | None":
         num_warps=num_warps,
         enable_fp_fusion=False,  # reference step 2: every product rounded, no FMA
     )
-    return Plan(ints, (sum(programs),), meta, contiguous_cos, dummy_cache)
+    constexprs = tuple(meta[name] for name in _CONSTEXPRS)
+    return Plan(ints, (sum(programs),), meta, contiguous_cos, dummy_cache, ints + constexprs, {})
 
 
 def plan_for(args: RopeArgs) -> Plan | None:
@@ -362,19 +407,21 @@ def _sms(device: torch.device) -> int:
 def _tile(total_units: int, max_units: int, unit_elems: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK_M, num_warps): units per program and warps per program.
 
-    GPU: up to ~4096 elements per program (long sequences: many heads per program, few
-    programs to schedule), but never so few programs that the GPU idles (decode: one unit per
-    program when that is all there is). Interpreter: as few programs as possible (each program
+    GPU: tiles of ~2048 elements, 4 warps (16 elements, i.e. two 16-byte bf16 vectors, per
+    thread and operand): on the H100 every tile from 1024 to 4096 elements with 8-16 elements
+    per thread ran the (1, 115200, 24, 128) bf16 shape at 489-495 us, 99-100% of copy. Fewer
+    units per program when that would leave fewer than ~4 programs per multiprocessor (decode:
+    one (token, head) row per program, one warp). Interpreter: as few programs as possible (each
     costs milliseconds of Python)."""
     if device.type != "cuda" or platform.triton_interpret():
         return min(_pow2(max_units), _pow2_floor(max(1, 8192 // unit_elems))), 1
     if _FORCED is not None:
         block_m, num_warps = _FORCED
     else:
-        m_max = max(1, 4096 // unit_elems)
-        want = total_units // (4 * _sms(device))  # at least ~4 programs per multiprocessor
-        block_m = _pow2_floor(max(1, min(m_max, want)))
-        num_warps = min(8, max(1, block_m * unit_elems // 512))
+        block_m = _pow2_floor(max(1, 2048 // unit_elems))
+        while block_m > 1 and -(-total_units // block_m) < 4 * _sms(device):
+            block_m //= 2
+        num_warps = min(4, max(1, block_m * unit_elems // 512))
     if platform.gpu_vendor() == "rocm":
         num_warps = max(1, num_warps // 2)  # a wavefront is 64 lanes: same threads per program
     return block_m, num_warps
