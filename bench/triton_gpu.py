@@ -63,7 +63,7 @@ MROPE_T = 4096
 BACKWARD = [((1, 115200, 24, 128), "interleaved"), ((4096, 32, 128), "neox")]
 HQ, HK, D = 32, 8, 128
 MAX_POS = 32768
-SWEEP = [(bm, nw) for bm in (4, 8, 16, 32, 64) for nw in (2, 4, 8)]
+SWEEP = [(4, 2), (8, 2), (8, 4), (16, 2), (16, 4), (32, 4), (32, 8), (64, 8)]
 
 RESULTS: dict = {"rows": [], "errors": []}
 OUT_DIR = None
@@ -145,7 +145,7 @@ def suite(full: bool, skip_large: bool, budget: float):
             if skip_large and "large" in c.marks:
                 skipped.append(c.name)
                 continue
-            if time.time() - t0 > budget:
+            if tier != "sample" and time.time() - t0 > budget:
                 skipped.append(c.name)
                 continue
             dev = c.device or DEV
@@ -564,7 +564,7 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--skip-large", action="store_true")
-    ap.add_argument("--budget", type=float, default=150.0, help="seconds per conformance tier")
+    ap.add_argument("--budget", type=float, default=150.0, help="seconds for the reference tier (--full)")
     ap.add_argument("--only", default="", help="comma list of sections: suite,eager,graphs,diffusion,llm,mrope,backward,host")
     ap.add_argument("--smoke", action="store_true", help="test this script on CPU (Triton interpreter, tiny sizes)")
     a = ap.parse_args()

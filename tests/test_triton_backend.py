@@ -363,11 +363,57 @@ def test_direct_launch_arguments_follow_the_kernel_signature():
     assert launch._FAST is False and plan.compiled == {}
 
 
+def test_direct_launch_path(monkeypatch):
+    """The GPU's direct-launch path, with a stand-in for Triton's CompiledKernel: the first call
+    of a (plan, pointer alignment) goes through run() and keeps what it returns; later calls
+    launch that with a 3-d grid and the pointers + ``plan.tail``; another alignment compiles
+    again; a launcher that rejects the arguments (TypeError) turns the direct path off."""
+    calls = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            g0, g1, g2 = grid[0], grid[1], grid[2]  # what CompiledKernel's runner reads
+
+            def runner(*args):
+                calls.append(("direct", (g0, g1, g2), args))
+            return runner
+
+    class Kernel:
+        def run(self, *args, grid, warmup, **meta):
+            calls.append(("run", grid, args))
+            return Compiled()
+
+    monkeypatch.setattr(launch, "_FAST", True)
+    monkeypatch.setattr(launch, "_KERNEL", Kernel())
+    monkeypatch.setattr(launch, "_PLANS", {})  # plans holding stand-ins go away with the test
+    x = torch.randn(4, 2, 32)
+    cos = torch.rand(4, 1, 16)
+    plan = launch.plan_for(_args(x, cos, cos))
+    ptrs = (x, torch.empty_like(x), None, None, cos, cos, None, None, None)
+    launch._launch(plan, ptrs)
+    launch._launch(plan, ptrs)
+    assert [c[0] for c in calls] == ["run", "direct"]
+    assert calls[1][1] == (plan.grid[0], 1, 1) and calls[1][2] == ptrs + plan.tail
+    misaligned = torch.empty(4 * 2 * 32 + 1)[1:].view(4, 2, 32)  # 4 bytes off a 16-byte boundary
+    launch._launch(plan, (misaligned,) + ptrs[1:])
+    assert calls[-1][0] == "run" and len(plan.compiled) == 2
+
+    class Rejecting(Compiled):
+        def __getitem__(self, grid):
+            def runner(*args):
+                raise TypeError("function takes exactly 70 arguments")
+            return runner
+
+    plan.compiled[True] = Rejecting()
+    launch._launch(plan, ptrs)
+    assert calls[-1][0] == "run" and launch._FAST is False
+
+
 def test_interpreter_uses_few_programs():
     x = torch.empty(6, 4, 32)
     cos = torch.empty(6, 1, 16)
     plan = launch.plan_for(_args(x, cos, cos))
-    assert plan.grid == (1,)
+    assert plan.grid == (1, 1, 1)
 
 
 # --------------------------------------------------------------------------------------------

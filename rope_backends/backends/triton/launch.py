@@ -53,7 +53,7 @@ class Plan(NamedTuple):
     """Everything about a launch that depends only on the call's signature."""
 
     ints: tuple[int, ...]    # the kernel's integer arguments, in order
-    grid: tuple[int]
+    grid: tuple[int, int, int]
     meta: dict               # constexprs and launch options
     contiguous_cos: bool     # cos/sin strides differ: pass contiguous copies (same strides)
     dummy_cache: bool        # empty cache: every position is out of range, read nothing
@@ -375,7 +375,8 @@ def _build(args: RopeArgs, pairs) -> "Plan | str | None":
         enable_fp_fusion=False,  # reference step 2: every product rounded, no FMA
     )
     constexprs = tuple(meta[name] for name in _CONSTEXPRS)
-    return Plan(ints, (sum(programs),), meta, contiguous_cos, dummy_cache, ints + constexprs, {})
+    # a 3-d grid: CompiledKernel[grid] reads grid[0], grid[1] and grid[2]
+    return Plan(ints, (sum(programs), 1, 1), meta, contiguous_cos, dummy_cache, ints + constexprs, {})
 
 
 def plan_for(args: RopeArgs) -> Plan | None:
