@@ -93,6 +93,35 @@ def median_us(fn, warmup=25, rep=200) -> float:
     return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median")) * 1e3
 
 
+_FLUSH = []
+
+
+def device_us(fn, reps=100) -> float:
+    """do_bench's method (CUDA events around each call, L2 flushed before it, median) with a
+    1 GiB flush instead of 256 MB: the flush keeps the GPU busy ~350 us, longer than any call's
+    host time here, so the kernel is queued before its start event runs and the number is the
+    device's time alone. (With do_bench's ~85 us flush, calls whose host time comes near that
+    showed up to ~8 us slower than the same kernel measured in the sweep.)"""
+    if SMOKE:
+        return median_us(fn)
+    if not _FLUSH:
+        _FLUSH.append(torch.empty(1 << 30, dtype=torch.int8, device=DEV))
+    flush = _FLUSH[0]
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        flush.zero_()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return times[len(times) // 2] * 1e3
+
+
 def row(section, shape, impl, us, nbytes, copy_gbs, **extra):
     gbs = nbytes / (us * 1e3) if us else 0.0
     r = dict(section=section, shape=str(shape), impl=impl, us=round(us, 3), bytes=int(nbytes),
@@ -319,8 +348,10 @@ def diffusion(copy_gbs: float, sweep: bool):
         row("diffusion", shape, "torch.compile (not bit-exact)", t_comp, nbytes, copy_gbs, differing=comp_diff)
         t_tr = median_us(lambda: rb.apply(x, cos, sin, layout="interleaved", backend="triton"))
         plan = launch.plan_for(args_for_tables((("x", x),), cos, sin, "interleaved", None, False))
+        t_dev = device_us(lambda: rb.apply(x, cos, sin, layout="interleaved", backend="triton"))
         row("diffusion", shape, "triton", t_tr, nbytes, copy_gbs, bit_exact=exact,
-            block_m=plan.meta["BLOCK_M"], num_warps=plan.meta["num_warps"], vs_compile=round(t_comp / t_tr, 2))
+            block_m=plan.meta["BLOCK_M"], num_warps=plan.meta["num_warps"], vs_compile=round(t_comp / t_tr, 2),
+            us_1g_flush=round(t_dev, 2), pct_1g_flush=round(100 * nbytes / (t_dev * 1e3) / copy_gbs, 1))
         if sweep:
             _sweep("diffusion", shape, lambda: rb.apply(x, cos, sin, layout="interleaved", backend="triton"),
                    nbytes, copy_gbs)
@@ -404,8 +435,10 @@ def llm(copy_gbs: float, sweep: bool):
         row("llm", f"T={T}", "eager", median_us(eager, rep=100), nbytes, copy_gbs)
         args = RopeArgs((q.view(T, HQ, D), k.view(T, HK, D)), True, Layout.NEOX, D, positions=pos, cache=cache)
         plan = launch.plan_for(args)
+        t_dev = device_us(tri)
         row("llm", f"T={T}", "triton", median_us(tri), nbytes, copy_gbs, bit_exact=exact,
-            block_m=plan.meta["BLOCK_M"], num_warps=plan.meta["num_warps"], programs=plan.grid[0])
+            block_m=plan.meta["BLOCK_M"], num_warps=plan.meta["num_warps"], programs=plan.grid[0],
+            us_1g_flush=round(t_dev, 2), pct_1g_flush=round(100 * nbytes / (t_dev * 1e3) / copy_gbs, 1))
         if T <= 64 and not SMOKE:
             # (eager is not capturable: reference.cos_sin_from_cache makes a tensor from a Python
             # scalar, a host-to-device copy)
@@ -425,13 +458,16 @@ def mrope_rows(copy_gbs: float):
     cache = rb.cos_sin_cache(MAX_POS, D, device=DEV)
     qkv, q, k, pos1 = _llm_inputs(T)
     _, _, _, pos3 = _llm_inputs(T, 3)
-    t_plain = median_us(lambda: rb.apply_cached(q, k, pos1, cache, head_dim=D, backend="triton"))
-    row("mrope", f"T={T}", "plain", t_plain, _llm_bytes(T), copy_gbs)
+    plain = lambda: rb.apply_cached(q, k, pos1, cache, head_dim=D, backend="triton")  # noqa: E731
+    t_plain, d_plain = median_us(plain), device_us(plain)
+    row("mrope", f"T={T}", "plain", t_plain, _llm_bytes(T), copy_gbs, us_1g_flush=round(d_plain, 2))
     for name, m in (("chunked[16,24,24]", rb.mrope.chunked([16, 24, 24])),
                     ("interleaved[24,20,20]", rb.mrope.interleaved([24, 20, 20])),
                     ("ernie[22,22,20]", rb.mrope.ernie([22, 22, 20]))):
-        t = median_us(lambda: rb.apply_cached(q, k, pos3, cache, mrope=m, head_dim=D, backend="triton"))
-        row("mrope", f"T={T}", name, t, _llm_bytes(T, 3), copy_gbs, vs_plain=round(t / t_plain, 3))
+        fn = lambda: rb.apply_cached(q, k, pos3, cache, mrope=m, head_dim=D, backend="triton")  # noqa: E731
+        t, d = median_us(fn), device_us(fn)
+        row("mrope", f"T={T}", name, t, _llm_bytes(T, 3), copy_gbs, vs_plain=round(t / t_plain, 3),
+            us_1g_flush=round(d, 2), vs_plain_1g_flush=round(d / d_plain, 3))
 
 
 @guarded("backward vs forward")
@@ -444,8 +480,8 @@ def backward(copy_gbs: float):
         nbytes = 2 * x.numel() * 2 + 2 * cos.numel() * 4
         fwd = args_for_tables((("x", x),), cos, sin, layout, None, False)
         bwd = dataclasses.replace(fwd, conjugate=True)
-        t_f = median_us(lambda: triton_backend.forward(fwd))
-        t_b = median_us(lambda: triton_backend.forward(bwd))
+        t_f = device_us(lambda: triton_backend.forward(fwd))
+        t_b = device_us(lambda: triton_backend.forward(bwd))
         row("backward", shape, f"{layout} forward", t_f, nbytes, copy_gbs)
         row("backward", shape, f"{layout} backward kernel", t_b, nbytes, copy_gbs, vs_forward=round(t_b / t_f, 3))
         xg = x.detach().requires_grad_()
@@ -526,18 +562,22 @@ def targets() -> list:
         t, c = get("diffusion", shape, "triton"), get("diffusion", shape, "torch.compile (not bit-exact)")
         if t and c:
             need = 95 if i == 0 else 90 if i < 3 else 75
-            out.append((f"diffusion {shape} >= {need}% of copy", t["pct_copy"], t["pct_copy"] >= need))
+            out.append((f"diffusion {shape} >= {need}% of copy (do_bench)", t["pct_copy"], t["pct_copy"] >= need))
+            out.append((f"diffusion {shape} >= {need}% of copy (1 GiB flush)", t["pct_1g_flush"], t["pct_1g_flush"] >= need))
             out.append((f"diffusion {shape} faster than torch.compile", round(c["us"] / t["us"], 2), t["us"] < c["us"]))
     for T in LLM_T:
         t = get("llm", f"T={T}", "triton")
         if t and T >= 4096:
-            out.append((f"apply_cached T={T} >= 85% of copy", t["pct_copy"], t["pct_copy"] >= 85))
+            out.append((f"apply_cached T={T} >= 85% of copy (do_bench)", t["pct_copy"], t["pct_copy"] >= 85))
+            out.append((f"apply_cached T={T} >= 85% of copy (1 GiB flush)", t["pct_1g_flush"], t["pct_1g_flush"] >= 85))
         g = get("llm", f"T={T}", "triton, graph replay")
         if g:
             out.append((f"apply_cached T={T} graph replay <= 2x empty launch", g["vs_empty"], g["vs_empty"] <= 2))
     for r in rows:
         if r["section"] == "mrope" and "vs_plain" in r:
-            out.append((f"MRoPE {r['impl']} within 10% of plain", r["vs_plain"], r["vs_plain"] <= 1.10))
+            out.append((f"MRoPE {r['impl']} within 10% of plain (do_bench)", r["vs_plain"], r["vs_plain"] <= 1.10))
+            out.append((f"MRoPE {r['impl']} within 10% of plain (1 GiB flush)", r["vs_plain_1g_flush"],
+                        r["vs_plain_1g_flush"] <= 1.10))
         if r["section"] == "backward" and r["impl"].endswith("backward kernel"):
             out.append((f"backward {r['shape']} within 10% of forward", r["vs_forward"], r["vs_forward"] <= 1.10))
     host = RESULTS.get("host_us", {})
@@ -551,8 +591,8 @@ def targets() -> list:
 def table() -> str:
     lines = ["| section | shape | implementation | µs | GB/s | % of copy | note |", "|---|---|---|---:|---:|---:|---|"]
     for r in RESULTS["rows"]:
-        note = ", ".join(f"{k}={r[k]}" for k in ("bit_exact", "vs_compile", "vs_empty", "vs_plain", "vs_forward",
-                                                  "differing", "block_m", "num_warps") if k in r)
+        note = ", ".join(f"{k}={r[k]}" for k in ("us_1g_flush", "pct_1g_flush", "bit_exact", "vs_compile", "vs_empty",
+                                                  "vs_plain", "vs_forward", "differing", "block_m", "num_warps") if k in r)
         lines.append(f"| {r['section']} | {r['shape']} | {r['impl']} | {r['us']:.2f} | {r['gbs']:.0f} | "
                      f"{r['pct_copy']} | {note} |")
     return "\n".join(lines)

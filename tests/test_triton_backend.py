@@ -339,7 +339,8 @@ def test_gpu_heuristic_ends(monkeypatch):
     monkeypatch.setitem(launch._SMS, 0, 132)
     dev = torch.device("cuda", 0)
     big_m, big_w = launch._tile(115200 * 24, 115200 * 24, 128, dev)
-    assert big_m >= 16 and big_w >= 4
+    assert big_m >= 8 and big_w >= 4
+    assert launch._tile(4096 * 40, 4096 * 32, 128, dev, 2048) == (16, 4)  # positions: bigger tiles
     assert launch._tile(40, 32, 128, dev) == (1, 1)  # decode: 32 q + 8 k heads, one token
     mid_m, _ = launch._tile(4096 * 40, 4096 * 32, 128, dev)
     assert -(-4096 * 40 // mid_m) >= 4 * 132
@@ -378,6 +379,9 @@ def test_direct_launch_path(monkeypatch):
                 calls.append(("direct", (g0, g1, g2), args))
             return runner
 
+        def __call__(self, *args):  # what plan.compiled holds is the runner, not the kernel
+            raise AssertionError("plan.compiled must hold CompiledKernel[grid]")
+
     class Kernel:
         def run(self, *args, grid, warmup, **meta):
             calls.append(("run", grid, args))
@@ -404,7 +408,7 @@ def test_direct_launch_path(monkeypatch):
                 raise TypeError("function takes exactly 70 arguments")
             return runner
 
-    plan.compiled[True] = Rejecting()
+    plan.compiled[True] = Rejecting()[plan.grid]
     launch._launch(plan, ptrs)
     assert calls[-1][0] == "run" and launch._FAST is False
 

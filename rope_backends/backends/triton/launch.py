@@ -58,7 +58,7 @@ class Plan(NamedTuple):
     contiguous_cos: bool     # cos/sin strides differ: pass contiguous copies (same strides)
     dummy_cache: bool        # empty cache: every position is out of range, read nothing
     tail: tuple              # ints, then the constexprs in signature order (direct launches)
-    compiled: dict           # pointer alignment -> compiled kernel (direct launches)
+    compiled: dict           # pointer alignment -> launcher of the compiled kernel
 
 
 def set_config(block_m: int | None, num_warps: int | None = None) -> None:
@@ -178,17 +178,17 @@ def _launch(plan: "Plan", ptrs: tuple) -> None:
             if t is not None:
                 first |= t.data_ptr()
         align = (first & 15) == 0 or tuple(t is None or t.data_ptr() % 16 == 0 for t in ptrs)
-        compiled = plan.compiled.get(align)
-        if compiled is not None:
+        launcher = plan.compiled.get(align)
+        if launcher is not None:
             try:
-                compiled[plan.grid](*ptrs, *plan.tail)
+                launcher(*ptrs, *plan.tail)
                 return
             except TypeError:  # another Triton's launcher convention: always go through run
                 _FAST = False
     kernel = _KERNEL or _kernel()
     compiled = kernel.run(*ptrs, *plan.ints, grid=plan.grid, warmup=False, **plan.meta)
     if _FAST and compiled is not None and hasattr(compiled, "__getitem__"):
-        plan.compiled[align] = compiled
+        plan.compiled[align] = compiled[plan.grid]  # the runner: reads the current stream per call
 
 
 # torch.cuda.current_device() re-checks lazy initialisation on every call; a CUDA tensor in
@@ -338,7 +338,8 @@ def _build(args: RopeArgs, pairs) -> "Plan | str | None":
     block_half = _pow2(half)
     block_pass = _pow2(head_dim - rot) if copy_pass else 1
     unit_elems = 2 * block_half + (block_pass if copy_pass else 0)
-    block_m, num_warps = _tile(sum(units), max(units), unit_elems, x0.device)
+    block_m, num_warps = _tile(sum(units), max(units), unit_elems, x0.device,
+                               1024 if args.cache is None else 2048)
     programs = [-(-u // block_m) for u in units]
     int64 = max(extents) > _INT32_LIMIT or max(units) + block_m > _INT32_LIMIT
 
@@ -405,24 +406,27 @@ def _sms(device: torch.device) -> int:
     return n
 
 
-def _tile(total_units: int, max_units: int, unit_elems: int, device: torch.device) -> tuple[int, int]:
+def _tile(total_units: int, max_units: int, unit_elems: int, device: torch.device,
+          tile_elems: int = 1024) -> tuple[int, int]:
     """(BLOCK_M, num_warps): units per program and warps per program.
 
-    GPU: tiles of ~2048 elements, 4 warps (16 elements, i.e. two 16-byte bf16 vectors, per
-    thread and operand): on the H100 every tile from 1024 to 4096 elements with 8-16 elements
-    per thread ran the (1, 115200, 24, 128) bf16 shape at 489-495 us, 99-100% of copy. Fewer
-    units per program when that would leave fewer than ~4 programs per multiprocessor (decode:
-    one (token, head) row per program, one warp). Interpreter: as few programs as possible (each
+    GPU: tiles of ``tile_elems`` elements (1024 for explicit cos/sin, 2048 with positions, whose
+    dependent position -> cache loads want more work per program), 4 warps. On the H100 every
+    tile of 512-8192 elements with 4-32 elements per thread ran within ~3% of the best on the
+    five diffusion shapes and on apply_cached at T=4096 / 16384 (bench/results, sweep), with
+    1024 ahead on the mid-size diffusion shapes and 2048 ahead at T=16384. Fewer units per
+    program when that would leave fewer than ~4 programs per multiprocessor (decode: one
+    (token, head) row per program, one warp). Interpreter: as few programs as possible (each
     costs milliseconds of Python)."""
     if device.type != "cuda" or platform.triton_interpret():
         return min(_pow2(max_units), _pow2_floor(max(1, 8192 // unit_elems))), 1
     if _FORCED is not None:
         block_m, num_warps = _FORCED
     else:
-        block_m = _pow2_floor(max(1, 2048 // unit_elems))
+        block_m = _pow2_floor(max(1, tile_elems // unit_elems))
         while block_m > 1 and -(-total_units // block_m) < 4 * _sms(device):
             block_m //= 2
-        num_warps = min(4, max(1, block_m * unit_elems // 512))
+        num_warps = min(4, max(1, block_m * unit_elems // 256))
     if platform.gpu_vendor() == "rocm":
         num_warps = max(1, num_warps // 2)  # a wavefront is 64 lanes: same threads per program
     return block_m, num_warps
