@@ -97,7 +97,10 @@ def check_memory(device: str) -> dict:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
         del out
-        result[name] = {"peak_bytes_over_inputs": peak, "expected_bytes": expected, "ok": peak <= expected + 511}
+        # the caching allocator hands out large blocks in 2 MiB steps: one output = its size rounded up
+        rounded = -(-expected // (2 << 20)) * (2 << 20) if expected > (1 << 20) else -(-expected // 512) * 512
+        result[name] = {"peak_bytes_over_inputs": peak, "expected_bytes": expected,
+                        "expected_after_allocator_rounding": rounded, "ok": peak <= rounded}
     return result
 
 
