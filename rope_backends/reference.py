@@ -101,15 +101,16 @@ def cos_sin_from_cache(
     return torch.where(valid, cos, float("nan")), torch.where(valid, sin, float("nan"))
 
 
-def run(args: RopeArgs) -> tuple[Tensor, ...]:
+def run(args: RopeArgs, rotate_fn=rotate, lookup=cos_sin_from_cache) -> tuple[Tensor, ...]:
     """Carry out one validated call: one result per input tensor (the inputs themselves,
-    overwritten, when ``args.inplace``)."""
+    overwritten, when ``args.inplace``). Other torch-level backends reuse this driver with their
+    own ``rotate_fn`` / ``lookup`` (same signatures as :func:`rotate`, :func:`cos_sin_from_cache`)."""
     if args.cache is not None:
-        cos, sin = cos_sin_from_cache(args.positions, args.cache, args.position_axis_map)
+        cos, sin = lookup(args.positions, args.cache, args.position_axis_map)
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     else:
         cos, sin = args.cos, args.sin
-    results = tuple(rotate(t, cos, sin, args.layout, args.rotary_dim, args.conjugate) for t in args.tensors)
+    results = tuple(rotate_fn(t, cos, sin, args.layout, args.rotary_dim, args.conjugate) for t in args.tensors)
     if not args.inplace:
         return results
     for t, r in zip(args.tensors, results):  # every result is computed before the first write

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import platform
+from .. import platform, reference
 from ..registry import Backend, register_backend
 from ..spec import Layout, RopeArgs
 
@@ -142,19 +142,10 @@ def cos_sin_from_cache(positions: Tensor, cache: Tensor, axis_map: tuple[int, ..
 
 
 def forward(args: RopeArgs) -> tuple[Tensor, ...]:
-    """Carry out one validated call: one result per ``args.tensors`` (the inputs themselves,
-    overwritten by one full copy each, when ``args.inplace``)."""
-    if args.cache is not None:
-        cos, sin = cos_sin_from_cache(args.positions, args.cache, args.position_axis_map)
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
-    else:
-        cos, sin = args.cos, args.sin
-    results = tuple(rotate(t, cos, sin, args.layout, args.rotary_dim, args.conjugate) for t in args.tensors)
-    if not args.inplace:
-        return results
-    for t, r in zip(args.tensors, results):  # every result exists before the first write
-        t.copy_(r)
-    return args.tensors
+    """Carry out one validated call with the contiguous lookup and rotation, through the reference's
+    driver: one result per ``args.tensors`` (the inputs, overwritten by one full copy each, when
+    ``args.inplace``)."""
+    return reference.run(args, rotate_fn=rotate, lookup=cos_sin_from_cache)
 
 
 register_backend(
