@@ -3,7 +3,7 @@
 Every registered backend becomes a parameter on every device type it can serve here
 (``runner.targets()``); one that cannot run here is still listed, as a parameter skipped by its
 availability mark with the reason -- that is the backend-availability parameter, not a skip in a
-test. Which cases a target runs is data (``cases.cases_for``: the Triton interpreter gets the
+test. Which cases a target runs is data (``cases.cases_for``: targets named in ``cases.REDUCED_TIERS`` get the
 reduced ``interp_cases()`` tier, ``--full`` gives ``reference_cases()``).
 
 Options: ``--backend NAME`` (repeatable: only these backends), ``--device TYPE`` (only this
