@@ -449,3 +449,24 @@ def test_importing_rope_backends_does_not_import_triton():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "False False"
+
+
+def test_gpu_tile_num_warps_is_a_power_of_two(monkeypatch):
+    """Found by the long fuzz profile on the H100: head_dim 388, rotary_dim 130 out of place made a
+    768-element tile and num_warps=3, which Triton's compiler rejects. Every tile must give a power
+    of two, whatever the rotated/pass-through widths and unit counts."""
+    from rope_backends import platform
+    from rope_backends.backends.triton import launch
+
+    monkeypatch.setattr(platform, "triton_interpret", lambda: False)
+    monkeypatch.setattr(launch, "_sms", lambda device: 132)
+    device = torch.device("cuda", 0)
+    for head_dim in range(2, 520, 2):
+        for rot in sorted({2, head_dim // 2 - head_dim // 2 % 2 or 2, head_dim}):
+            half = rot // 2
+            unit_elems = 2 * launch._pow2(half) + (launch._pow2(head_dim - rot) if rot < head_dim else 0)
+            for units in (1, 7, 1000, 10**6):
+                for tile in (1024, 2048):
+                    block_m, num_warps = launch._tile(units, units, unit_elems, device, tile)
+                    assert num_warps & (num_warps - 1) == 0 and 1 <= num_warps <= 4, (head_dim, rot, units, num_warps)
+                    assert block_m & (block_m - 1) == 0, (head_dim, rot, units, block_m)

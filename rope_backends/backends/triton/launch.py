@@ -426,7 +426,8 @@ def _tile(total_units: int, max_units: int, unit_elems: int, device: torch.devic
         block_m = _pow2_floor(max(1, tile_elems // unit_elems))
         while block_m > 1 and -(-total_units // block_m) < 4 * _sms(device):
             block_m //= 2
-        num_warps = min(4, max(1, block_m * unit_elems // 256))
+        # Triton needs a power of two (a pass-through block can make the tile 3x 256 elements)
+        num_warps = min(4, _pow2_floor(max(1, block_m * unit_elems // 256)))
     if platform.gpu_vendor() == "rocm":
         num_warps = max(1, num_warps // 2)  # a wavefront is 64 lanes: same threads per program
     return block_m, num_warps
