@@ -18,6 +18,7 @@ import torch
 import rope_backends as rb
 from rope_backends import reference
 from rope_backends.testing import assert_bitwise_equal, make
+from rope_backends.testing.check import bitwise_mismatches
 
 torch.manual_seed(0)
 
@@ -301,3 +302,31 @@ def test_a_perturbed_reference_fails_fidelity(monkeypatch):
     want, _ = hf_apply_rotary_pos_emb(q, q, cos, sin)
     with pytest.raises(AssertionError, match="differ"):
         assert_bitwise_equal(rb.apply(q, cos[:, None], sin[:, None]), want)
+
+
+def test_the_sample_tier_catches_a_conjugate_lowered_as_zero_minus_sin(monkeypatch):
+    """Triton before 3.9 lowers a unary minus on floats as ``0.0 - x``, which maps -0.0 to +0.0;
+    a backward written with ``s = -s`` then gave a -0.0 gradient where the reference has +0.0
+    (H100, long fuzz). The sample tier must contain cases that see that difference."""
+    from rope_backends.testing.cases import sample_cases
+    from rope_backends.testing.runner import build, reference_outputs
+
+    cases = [c for c in sample_cases() if c.backward and c.values == "special_cos"]
+    assert cases
+    real = reference.rotate_pairs
+
+    def zero_minus_sin(a, b, cos, sin, conjugate):
+        return real(a, b, cos, (0.0 - sin.float()) if conjugate else sin, False)
+
+    caught = set()
+    for case in cases:
+        inp = build(case, torch.device("cpu"))
+        upstream = [torch.randn(t.shape, generator=torch.Generator().manual_seed(3)).to(t.dtype) for t in inp.rotated()]
+        want = reference_outputs(case, inp, upstream, conjugate=True)
+        with monkeypatch.context() as m:
+            m.setattr(reference, "rotate_pairs", zero_minus_sin)
+            wrong = reference_outputs(case, inp, upstream, conjugate=True)
+        if any(bool(bitwise_mismatches(w, g).any()) for w, g in zip(want, wrong)):
+            caught.add((case.layout, case.dtype))
+    # every layout and dtype of those cases sees it
+    assert caught == {(c.layout, c.dtype) for c in cases}

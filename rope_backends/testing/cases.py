@@ -397,6 +397,10 @@ def sample_cases() -> list[RopeCase]:
     out.append(C("apply_qk", (2, 5, 4, 64), "float16", "interleaved", k_heads=2, storage="fused_qkv", backward=True))
     out.append(C("apply_qk", (2, 5, 4, 64), "float32", "neox", k_heads=1, cos_form="dup", cos_bcast="batch", backward=True))
     out.append(C("apply", (4, 2, 16), "float32", "neox", values="special", backward=True))
+    # signed zeros in cos/sin through the backward (a conjugate lowered as 0.0 - sin fails these)
+    for op, dt, lay in itertools.product(("apply", "apply_qk"), XD, LAYOUTS):
+        out.append(C(op, (6, 3, 32), dt, lay, k_heads=2 if op == "apply_qk" else None, values="special_cos",
+                     backward=True))
     out.append(C("apply", (3, 5, 2, 32), "bfloat16", "interleaved", storage="expanded", backward=True))
     out.append(C("apply_cached", (2, 4, 2, 64), "bfloat16", "neox", k_heads=1, mrope=("interleaved", (12, 10, 10)),
                  backward=True))

@@ -6,7 +6,7 @@ three, jointly for every operand). A *unit* is one (token, head) row of ``head_d
 each program rotates ``BLOCK_M`` consecutive units of q or of k. Constexprs select the variant:
 
     LAYOUT         0 = neox (pair i = (i, i + half)), 1 = interleaved (pair i = (2i, 2i + 1))
-    CONJUGATE      rotate by -theta (the backward): sin is negated, exactly as reference.py does
+    CONJUGATE      rotate by -theta (the backward): bit-identical to reference.py's negated sin
     HAS_POSITIONS  cos/sin come from ``cache[position]``, gathered here (apply_cached)
     MROPE          pair i reads the position row ``axis_map[i]`` of ``positions[3, ...]``
     HAS_K          a second tensor (k) is served by the programs after the first ``q_programs``
@@ -117,8 +117,6 @@ def _rotate_units(
         c_off = c_row[:, None] + i[None, :] * csi
         c = _f32(tl.load(cos_ptr + c_off, mask=mask, other=0.0))
         s = _f32(tl.load(sin_ptr + c_off, mask=mask, other=0.0))
-    if CONJUGATE:
-        s = -s
 
     # ---- the pairs (a, b)
     if LAYOUT == 0:
@@ -138,8 +136,16 @@ def _rotate_units(
     bs = b * s
     bc = b * c
     as_ = a * s
-    a_new = _round_to(ac - bs, o_ptr.dtype.element_ty)
-    b_new = _round_to(bc + as_, o_ptr.dtype.element_ty)
+    if CONJUGATE:
+        # the reference negates s first; b * (-s) == -(b * s) exactly, and x - (-y) == x + y, so
+        # swapping the signs of the add/sub is bit-identical. A unary minus is not: some Triton
+        # versions lower it as 0.0 - s, which turns s = -0.0 into +0.0 (found on the H100 by the
+        # long fuzz profile: a -0.0 gradient where the reference gives +0.0)
+        a_new = _round_to(ac + bs, o_ptr.dtype.element_ty)
+        b_new = _round_to(bc - as_, o_ptr.dtype.element_ty)
+    else:
+        a_new = _round_to(ac - bs, o_ptr.dtype.element_ty)
+        b_new = _round_to(bc + as_, o_ptr.dtype.element_ty)
 
     if LAYOUT == 0:
         tl.store(o_ptr + o_row[:, None] + i[None, :] * osd, a_new, mask=mask)
