@@ -4,7 +4,7 @@
         torch / triton / torch_npu versions, devices, GPU vendor (CUDA or ROCm), the backend each
         device type gets, every backend with its availability (and the reason when unavailable).
 
-    python -m rope_backends check [--backend NAME ...] [--device TYPE] [--expect NAME] [--full] [--bench] [-v]
+    python -m rope_backends check [--backend NAME ...] [--device TYPE] [--expect NAME] [--full] [--shard K/N] [--bench] [-v]
         runs the shipped conformance suite (rope_backends.testing: cases and error cases) on every
         device type and backend this machine can run, prints one row per target (backend, device,
         cases, passed, failed, seconds) and exits non-zero on any failure. ``--expect NAME`` also
@@ -180,14 +180,18 @@ def cmd_check(args: argparse.Namespace) -> int:
                 status = 1
             continue
         kind = torch.device(t.device).type
-        n_cases = len(case_data.cases_for(t.backend, kind, args.full))
-        _p(f"checking {t.backend} on {t.device}: {n_cases} cases + {len(errors)} error cases ...")
+        cases = case_data.cases_for(t.backend, kind, args.full)
+        t_errors = errors
+        if args.shard is not None:  # every n-th case; the error catalogue goes with shard 0
+            k, n = args.shard
+            cases, t_errors = cases[k::n], (errors if k == 0 else [])
+        _p(f"checking {t.backend} on {t.device}: {len(cases)} cases + {len(t_errors)} error cases ...")
 
         def progress(o, _t=t):
             if args.verbose:
                 _p(f"  {'ok  ' if o.ok else 'FAIL'} {o.seconds * 1e3:8.1f} ms  {o.name}")
 
-        result = runner.run_target(t, error_cases=errors, full=args.full, progress=progress)
+        result = runner.run_target(t, cases, error_cases=t_errors, progress=progress)
         rows.append([t.backend, t.device, str(len(result.outcomes)), str(result.passed), str(result.failed),
                      f"{result.seconds:.1f}"])
         failures += [(t, o) for o in result.outcomes if not o.ok]
@@ -232,6 +236,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     return status
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N (two integers), got {text!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"expected 0 <= K < N, got {text!r}")
+    return k, n
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rope_backends", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
@@ -244,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="fail unless automatic dispatch on the device picks NAME")
     check.add_argument("--full", action="store_true", help="the exhaustive tier (reference_cases)")
     check.add_argument("--bench", action="store_true", help="then run rope_backends.benchmarking.run_short()")
+    check.add_argument("--shard", type=_shard, default=None, metavar="K/N",
+                       help="only cases K, K+N, K+2N, ... (0 <= K < N): split a long tier over processes")
     check.add_argument("-v", "--verbose", action="store_true", help="one line per case")
     check.add_argument("--max-failures", type=int, default=30, help="failures listed (default 30)")
     args = parser.parse_args(argv)

@@ -478,6 +478,21 @@ def test_cli_check_passes_and_expect(fakes, capsys, small_tier):
     assert "apply_qk float16 interleaved on cpu: rb_cli_hijack" in out and "FAILED" in out
 
 
+def test_cli_check_shards_cover_the_tier_once(capsys, small_tier):
+    from rope_backends.__main__ import main
+
+    seen = []
+    for k in range(3):
+        assert main(["check", "--backend", "eager", "--shard", f"{k}/3", "-v"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        seen += [ln.split()[-1] for ln in lines if ln.strip().startswith("ok ") and "error:" not in ln]
+        assert any("error:" in ln for ln in lines) == (k == 0)  # the error catalogue runs once
+    assert sorted(seen) == sorted(c.name for c in small_tier)
+    for bad in ("3/3", "x/2", "1"):
+        with pytest.raises(SystemExit):
+            main(["check", "--shard", bad])
+
+
 def test_cli_check_reports_failures(fakes, capsys, small_tier):
     from rope_backends.__main__ import main
 
