@@ -3,19 +3,79 @@
 Imports no backend. Eager calls that need no gradient go straight to the backend's ``forward``
 through a cached selection (a dict lookup); calls under ``torch.compile`` or that need autograd go
 through the custom ops in ops.py, which compile as one node and carry the backward.
+
+The repeated call: a call's *signature* (every type, shape, stride, dtype, device, grad flag and
+option that validation reads) together with the override state keys a runner that the selected
+backend prepared for that signature (``Backend.prepare``). A call whose signature was validated
+before runs that runner directly: no re-validation, no selection, no planning. That is what keeps
+the host time of ``rb.apply`` near that of launching the kernel by hand. The cache is dropped
+whenever the registry changes (``registry.generation``).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from . import ops, reference
-from .spec import Layout, MRope, RopeArgs, args_for_cached, args_for_tables
+from . import ops, override, reference, registry
+from .spec import (Layout, MRope, RopeArgs, args_for_cached, args_for_tables, cached_signature,
+                   check_position_range, position_range_checked, table_signature)
 
 __all__ = ["apply", "apply_qk", "apply_cached"]
+
+_RUNNERS: dict[tuple, Callable] = {}
+_RUNNERS_GENERATION = [-1]
+_MAX_RUNNERS = 4096  # serving changes T every step: bound the memory, rebuild after a clear
+_GENERATION = registry._GENERATION  # the registry's counter (a one-element list, updated in place)
+_is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
+_override_context = override._context
+_getenv = override._getenv
+_ENV = override.ENV
+_DEBUG_ENV = "ROPE_BACKENDS_DEBUG"
+
+
+def _runner(key: tuple | None) -> Callable | None:
+    """The runner kept for ``key``, unless the registry changed since (then none, until the next
+    full call clears the cache and keeps a fresh one)."""
+    if key is None or _RUNNERS_GENERATION[0] != _GENERATION[0]:
+        return None
+    return _RUNNERS.get(key)
+
+
+def _range_checked(run: Callable) -> Callable:
+    """A cached-call runner that checks position values first (CPU positions; debug mode)."""
+    def checked(tensors, positions, cache):
+        check_position_range(positions, cache)
+        return run(tensors, positions, cache)
+    return checked
+
+
+def _remember(key: tuple | None, backend: registry.Backend, args: RopeArgs, check_positions: bool = False) -> None:
+    """Keep the backend's prepared runner for this signature (when it offers one)."""
+    if key is None or backend.prepare is None:
+        return
+    generation = _GENERATION[0]
+    run = backend.prepare(args)
+    if run is not None and check_positions:
+        run = _range_checked(run)
+    if run is not None and generation == _GENERATION[0]:  # no registry change meanwhile
+        if _RUNNERS_GENERATION[0] != generation:
+            _RUNNERS.clear()
+            _RUNNERS_GENERATION[0] = generation
+        if len(_RUNNERS) >= _MAX_RUNNERS:
+            _RUNNERS.clear()
+        _RUNNERS[key] = run
+
+
+def _run_and_remember(key: tuple | None, args: RopeArgs, backend: str | None,
+                      check_positions: bool = False) -> tuple[Tensor, ...]:
+    chosen = ops.resolve(args, backend)
+    outs = chosen.forward(args)
+    _remember(key, chosen, args, check_positions)
+    return outs
 
 
 def _through_ops(args: RopeArgs) -> bool:
@@ -54,7 +114,25 @@ def apply(
 
     Returns a tensor of ``x``'s shape and dtype. Differentiable w.r.t. ``x``.
     """
-    args = args_for_tables((("x", x),), cos, sin, layout, rotary_dim, inplace)
+    key = None
+    if (inplace is True or inplace is False) and not _is_compiling():
+        # the signature, flat and inline: this is the whole host cost of a repeated call
+        try:
+            key = ("apply", x.__class__, x.shape, x.stride(), x.dtype, x.device, x.requires_grad,
+                   cos.__class__, cos.shape, cos.stride(), cos.dtype, cos.device, cos.requires_grad,
+                   sin.__class__, sin.shape, sin.stride(), sin.dtype, sin.device, sin.requires_grad,
+                   layout, rotary_dim.__class__, rotary_dim, inplace, backend,
+                   _grad_enabled(), _override_context.get(), _getenv(_ENV))
+            run = _runner(key)
+        except (AttributeError, TypeError):  # not tensors, unhashable options: the full checks say why
+            key = run = None
+        if run is not None:
+            out = run((x,), cos, sin)[0]
+            return x if inplace else out
+    named = (("x", x),)
+    if key is not None and table_signature(named, cos, sin, layout, rotary_dim, inplace) is None:
+        key = None  # tensor subclasses, odd option types: always the full path
+    args = args_for_tables(named, cos, sin, layout, rotary_dim, inplace)
     if _through_ops(args):
         name = _op_backend(args, backend)
         fixed = (args.cos, args.sin, args.layout.value, args.rotary_dim, False, name)
@@ -62,7 +140,7 @@ def apply(
             torch.ops.rope_backends.rope_(x, *fixed)
             return x
         return torch.ops.rope_backends.rope(x, *fixed)
-    return ops.run(args, backend)[0]
+    return _run_and_remember(key, args, backend)[0]
 
 
 def apply_qk(
@@ -79,7 +157,25 @@ def apply_qk(
     """Rotate q ``[..., Hq, D]`` and k ``[..., Hk, D]`` with the same cos/sin in one call
     (one kernel launch on GPU). Hq and Hk may differ (GQA/MQA). Same options as :func:`apply`;
     cos/sin must broadcast against both. Differentiable w.r.t. q and k."""
-    args = args_for_tables((("q", q), ("k", k)), cos, sin, layout, rotary_dim, inplace)
+    key = None
+    if (inplace is True or inplace is False) and not _is_compiling():
+        try:
+            key = ("apply_qk", q.__class__, q.shape, q.stride(), q.dtype, q.device, q.requires_grad,
+                   k.__class__, k.shape, k.stride(), k.dtype, k.device, k.requires_grad,
+                   cos.__class__, cos.shape, cos.stride(), cos.dtype, cos.device, cos.requires_grad,
+                   sin.__class__, sin.shape, sin.stride(), sin.dtype, sin.device, sin.requires_grad,
+                   layout, rotary_dim.__class__, rotary_dim, inplace, backend,
+                   _grad_enabled(), _override_context.get(), _getenv(_ENV))
+            run = _runner(key)
+        except (AttributeError, TypeError):
+            key = run = None
+        if run is not None and (not q.numel() or q.data_ptr() != k.data_ptr()):  # addresses: not in a signature
+            q_out, k_out = run((q, k), cos, sin)
+            return (q, k) if inplace else (q_out, k_out)
+    named = (("q", q), ("k", k))
+    if key is not None and table_signature(named, cos, sin, layout, rotary_dim, inplace) is None:
+        key = None
+    args = args_for_tables(named, cos, sin, layout, rotary_dim, inplace)
     if _through_ops(args):
         name = _op_backend(args, backend)
         fixed = (args.cos, args.sin, args.layout.value, args.rotary_dim, False, name)
@@ -88,7 +184,7 @@ def apply_qk(
             return q, k
         q_out, k_out = torch.ops.rope_backends.rope_qk(q, k, *fixed)
         return q_out, k_out
-    q_out, k_out = ops.run(args, backend)
+    q_out, k_out = _run_and_remember(key, args, backend)
     return q_out, k_out
 
 
@@ -120,6 +216,28 @@ def apply_cached(
     ``ROPE_BACKENDS_DEBUG=1`` (the check costs a sync); otherwise an out-of-range position gives
     NaN in that token's rotated part and reads nothing out of bounds.
     """
+    key = None
+    if (inplace is True or inplace is False) and not _is_compiling():
+        try:
+            key = ("apply_cached", q.__class__, q.shape, q.stride(), q.dtype, q.device, q.requires_grad,
+                   positions.__class__, positions.shape, positions.stride(), positions.dtype, positions.device,
+                   cos_sin_cache.__class__, cos_sin_cache.shape, cos_sin_cache.stride(), cos_sin_cache.dtype,
+                   cos_sin_cache.device, layout, rotary_dim.__class__, rotary_dim, mrope, inplace,
+                   head_dim.__class__, head_dim, backend,
+                   _grad_enabled(), _override_context.get(), _getenv(_ENV), _getenv(_DEBUG_ENV))
+            if k is not None:
+                key += (k.__class__, k.shape, k.stride(), k.dtype, k.device, k.requires_grad)
+            run = _runner(key)
+        except (AttributeError, TypeError):
+            key = run = None
+        if run is not None and (k is None or not q.numel() or q.data_ptr() != k.data_ptr()):
+            outs = run((q,) if k is None else (q, k), positions, cos_sin_cache)
+            if inplace:
+                return q, k
+            return outs[0], (outs[1] if k is not None else None)
+    if key is not None and cached_signature(q, k, positions, cos_sin_cache, layout, rotary_dim, mrope, inplace,
+                                            head_dim) is None:
+        key = None
     args, originals = args_for_cached(q, k, positions, cos_sin_cache, layout, rotary_dim, mrope, inplace, head_dim)
     if not inplace and torch.is_grad_enabled() and any(t.requires_grad for t in args.tensors):
         # training through a cache: gather cos/sin (the reference lookup), then the autograd op
@@ -140,7 +258,10 @@ def apply_cached(
         else:
             outs = tuple(torch.ops.rope_backends.rope_cached(args.tensors[0], k_view, *fixed))
     else:
-        outs = ops.run(args, backend)
+        # a runner is handed the caller's tensors: out of place, those must be args' own views
+        # (not a 2-D [T, H*D] reshaped)
+        remember = inplace or all(a is b for a, b in zip(originals, args.tensors))
+        outs = _run_and_remember(key if remember else None, args, backend, position_range_checked(args.positions))
     if inplace:
         return originals[0], (originals[1] if k is not None else None)
     q_out = outs[0].view(originals[0].shape)

@@ -12,11 +12,11 @@ import contextvars
 import os
 from typing import Iterator, Mapping
 
-__all__ = ["use_backend", "requested", "parse"]
+__all__ = ["use_backend", "requested", "parse", "state"]
 
 ENV = "ROPE_BACKEND"
 _ALL = "*"
-_context: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar("rope_backend", default=None)
+_context: contextvars.ContextVar["_Overrides | None"] = contextvars.ContextVar("rope_backend", default=None)
 _env_cache: tuple[str | None, Mapping[str, str] | None] = (None, None)
 
 
@@ -42,6 +42,20 @@ def parse(spec: str | Mapping[str, str], source: str = "backend") -> Mapping[str
     return dict(items)
 
 
+class _Overrides(dict):
+    """One ``use_backend`` request. Hashed and compared by identity (each ``with`` block is its own
+    request), so it can key a cache; the cache holds the object, so its id is never reused while
+    an entry refers to it."""
+
+    __hash__ = object.__hash__
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __ne__(self, other: object) -> bool:
+        return self is not other
+
+
 @contextlib.contextmanager
 def use_backend(spec: str | Mapping[str, str]) -> Iterator[None]:
     """Within the block (this thread / task only), run calls on the named backend(s).
@@ -49,16 +63,43 @@ def use_backend(spec: str | Mapping[str, str]) -> Iterator[None]:
     >>> with rb.use_backend("eager"): ...                # every device
     >>> with rb.use_backend("cuda:triton,cpu:eager"): ...
     """
-    token = _context.set(parse(spec, "use_backend"))
+    token = _context.set(_Overrides(parse(spec, "use_backend")))
     try:
         yield
     finally:
         _context.reset(token)
 
 
+def _environ_getter():
+    """A cheap read of one environment variable: ``os.environ.get`` encodes the key on every
+    call (about 1 us); ``os.environ._data`` is the dict behind it (CPython, POSIX and Windows),
+    kept in step by every ``os.environ[...] =`` and ``del``."""
+    data = getattr(os.environ, "_data", None)
+    encode = getattr(os.environ, "encodekey", None)
+    decode = getattr(os.environ, "decodevalue", None)
+    if not isinstance(data, dict) or encode is None or decode is None:
+        return os.environ.get
+
+    def get(name: str) -> str | None:
+        raw = data.get(encode(name))
+        return None if raw is None else decode(raw)
+
+    return get
+
+
+_getenv = _environ_getter()
+
+
+def state() -> tuple:
+    """Everything an override could depend on besides the ``backend`` argument: the
+    ``use_backend`` context of this thread/task and the raw ``ROPE_BACKEND`` value. Hashable and
+    cheap; the dispatcher keys its per-signature cache by it."""
+    return (_context.get(), _getenv(ENV))
+
+
 def _env() -> Mapping[str, str] | None:
     global _env_cache
-    raw = os.environ.get(ENV)
+    raw = _getenv(ENV)
     if raw != _env_cache[0]:
         _env_cache = (raw, parse(raw, ENV) if raw else None)
     return _env_cache[1]

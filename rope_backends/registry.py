@@ -17,7 +17,8 @@ from torch import Tensor
 
 from .spec import RopeArgs
 
-__all__ = ["Backend", "BackendInfo", "register_backend", "unregister_backend", "select", "backends", "get"]
+__all__ = ["Backend", "BackendInfo", "register_backend", "unregister_backend", "select", "backends", "get",
+           "generation", "invalidate"]
 
 log = logging.getLogger("rope_backends")
 
@@ -51,6 +52,14 @@ class Backend:
     explicit_device_types
                     ``() -> tuple`` of extra device types served only when the backend is named
                     (the Triton interpreter and the simulated NPU serve "cpu" that way)
+    prepare         optional ``prepare(args) -> runner | None``: a function that runs every later
+                    call with ``args``' signature (shapes, strides, dtypes, devices, options) as
+                    ``runner(tensors, a, b) -> outputs``, where ``a, b`` are the call's cos, sin
+                    (as passed: a duplicated form shares its half form's first element) or its
+                    positions, cos_sin_cache, and ``tensors`` start where ``args.tensors`` do (in
+                    place: any view of them; out of place: exactly their shapes). The dispatcher
+                    caches it per signature, so a repeated call skips validation, selection and
+                    the backend's own planning. None: this signature takes the full path.
     """
 
     name: str
@@ -61,6 +70,7 @@ class Backend:
     supports: Callable[[RopeArgs], str | None] = _supports_all
     explicit_device_types: Callable[[], tuple[str, ...]] = _no_extra_devices
     description: str = ""
+    prepare: Callable[[RopeArgs], Callable | None] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or ":" in self.name or "," in self.name:
@@ -70,6 +80,8 @@ class Backend:
         object.__setattr__(self, "device_types", tuple(self.device_types))
         if isinstance(self.priority, bool) or not isinstance(self.priority, int):
             raise TypeError(f"priority: expected an int, got {type(self.priority).__name__}")
+        if self.prepare is not None and not callable(self.prepare):
+            raise TypeError(f"prepare: expected a callable or None, got {type(self.prepare).__name__}")
         for attr in ("forward", "probe", "supports", "explicit_device_types"):
             if not callable(getattr(self, attr)):
                 raise TypeError(f"{attr}: expected a callable, got {type(getattr(self, attr)).__name__}")
@@ -99,6 +111,18 @@ _SKIP_LOGGED: set[tuple] = set()
 _GENERATION = [0]  # bumped on every (un)registration: a selection begun before it is not cached
 
 
+def generation() -> int:
+    """Bumped whenever a selection or a prepared runner may have gone stale (a backend registered
+    or removed, a backend's planning changed); caches built on selections compare it."""
+    return _GENERATION[0]
+
+
+def invalidate() -> None:
+    """Drop every cached selection and, through :func:`generation`, every prepared runner."""
+    _GENERATION[0] += 1
+    _SELECTED.clear()
+
+
 def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
     """Add a backend (built-in, plug-in or test double). Clears the selection cache."""
     if not isinstance(backend, Backend):
@@ -106,8 +130,7 @@ def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
     if backend.name in _REGISTRY and not replace:
         raise ValueError(f"backend: expected a new name, got {backend.name!r} which is registered (pass replace=True)")
     _REGISTRY[backend.name] = backend
-    _GENERATION[0] += 1
-    _SELECTED.clear()
+    invalidate()
     return backend
 
 
@@ -116,8 +139,7 @@ def unregister_backend(name: str) -> None:
     if name not in _REGISTRY:
         raise ValueError(f"name: expected a registered backend {sorted(_REGISTRY)}, got {name!r}")
     del _REGISTRY[name]
-    _GENERATION[0] += 1
-    _SELECTED.clear()
+    invalidate()
 
 
 def get(name: str) -> Backend:

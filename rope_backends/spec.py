@@ -69,6 +69,12 @@ class MRope:
             raise ValueError(
                 f"mrope: expected an axis map of values in (0, 1, 2), got {self.axis_map!r}"
             )
+        object.__setattr__(self, "axis_map", tuple(int(a) for a in self.axis_map))
+        # an MRope keys the dispatcher's cache on every call: hash its long map once
+        object.__setattr__(self, "_hash", hash((self.axis_map, self.name)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @classmethod
     def parse(cls, value: "MRope | Sequence[int] | None") -> "MRope | None":
@@ -261,6 +267,36 @@ def _signature(tensors: tuple[tuple[str, object], ...], cos: object, sin: object
     return key
 
 
+def table_signature(tensors: tuple[tuple[str, object], ...], cos: object, sin: object,
+                    layout: object, rotary_dim: object, inplace: object) -> tuple | None:
+    """What the checks of :func:`args_for_tables` depend on, or None (odd argument types, or
+    under torch.compile): calls with equal signatures pass or fail validation alike."""
+    if torch.compiler.is_compiling():
+        return None
+    return _signature(tensors, cos, sin, layout, rotary_dim, inplace)
+
+
+def cached_signature(q: object, k: object, positions: object, cache: object, layout: object,
+                     rotary_dim: object, mrope: object, inplace: object, head_dim: object) -> tuple | None:
+    """What the metadata checks of :func:`args_for_cached` depend on, or None (odd argument
+    types). The position range check reads values: a signature does not cover it."""
+    if type(q) is not Tensor or type(positions) is not Tensor or type(cache) is not Tensor:
+        return None
+    if (k is not None and type(k) is not Tensor) or type(layout) not in (str, Layout) or type(inplace) is not bool:
+        return None
+    if (rotary_dim is not None and type(rotary_dim) is not int) or (head_dim is not None and type(head_dim) is not int):
+        return None
+    if mrope is not None and type(mrope) is not MRope:
+        return None
+    key = (layout, rotary_dim, mrope, inplace, head_dim, torch.is_grad_enabled(),
+           q.shape, q.stride(), q.dtype, q.device, q.requires_grad,
+           positions.shape, positions.stride(), positions.dtype, positions.device,
+           cache.shape, cache.stride(), cache.dtype, cache.device)
+    if k is not None:
+        key += (k.shape, k.stride(), k.dtype, k.device, k.requires_grad)
+    return key
+
+
 def args_for_tables(
     tensors: tuple[tuple[str, object], ...],
     cos: object,
@@ -339,6 +375,21 @@ def _check_tables(
             _no_grad_inplace(name, t)
             _need_writable(name, t)
     return RopeArgs(tuple(checked), inplace, layout, rotary_dim, cos=cos, sin=sin)
+
+
+def position_range_checked(positions: Tensor) -> bool:
+    """Whether calls check position values: always on CPU; on devices only with
+    ``ROPE_BACKENDS_DEBUG=1``, since reading values back costs a sync."""
+    return positions.device.type == "cpu" or debug_checks()
+
+
+def check_position_range(positions: Tensor, cache: Tensor) -> None:
+    if positions.numel():
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= cache.shape[0]:
+            raise ValueError(
+                f"positions: expected values in [0, {cache.shape[0]}) (cos_sin_cache rows), got min {lo}, max {hi}"
+            )
 
 
 def args_for_cached(
@@ -428,12 +479,8 @@ def args_for_cached(
         hint = "" if mrope is not None or positions.shape[:1] != (3,) else " (3-row positions need mrope=)"
         raise ValueError(f"positions: expected shape {want}, got {tuple(positions.shape)}{hint}")
     # a data-dependent check cannot be traced: under torch.compile only the kernels' NaN guard holds
-    if positions.numel() and (positions.device.type == "cpu" or debug_checks()) and not torch.compiler.is_compiling():
-        lo, hi = int(positions.min()), int(positions.max())
-        if lo < 0 or hi >= cache.shape[0]:
-            raise ValueError(
-                f"positions: expected values in [0, {cache.shape[0]}) (cos_sin_cache rows), got min {lo}, max {hi}"
-            )
+    if position_range_checked(positions) and not torch.compiler.is_compiling():
+        check_position_range(positions, cache)
     if inplace:
         for (name, _), t in zip(named, views):
             _no_grad_inplace(name, t)

@@ -8,6 +8,7 @@ path ran.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import importlib.machinery
 import sys
@@ -21,6 +22,7 @@ import torch
 import rope_backends as rb
 from rope_backends import override, platform, reference, registry
 from rope_backends.registry import Backend
+from rope_backends.testing import assert_bitwise_equal
 
 backends_module = importlib.import_module("rope_backends.backends")
 
@@ -524,3 +526,112 @@ def test_cli_bench_hook(monkeypatch, capsys):
     monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
     assert cli._run_bench(None) == 0
     assert "bench: not installed" in capsys.readouterr().out
+
+
+# ---- prepared runners: the repeated call -------------------------------------------------------
+
+class Prepared:
+    """A backend whose prepare() hands back a runner (the reference on the new call's tensors);
+    counts forward calls, prepare calls and runner calls."""
+
+    def __init__(self, fakes, name="rb_prep", priority=60, device_types=("cpu",)):
+        self.forward = self.prepare = self.runs = 0
+        self.name = name
+
+        def forward(args):
+            self.forward += 1
+            return reference.run(args)
+
+        def prepare(args):
+            self.prepare += 1
+
+            def run(tensors, a, b):
+                self.runs += 1
+                tensors = tuple(t.view(like.shape) for t, like in zip(tensors, args.tensors))  # [T, H*D] in place
+                if args.cache is None:
+                    new = dataclasses.replace(args, tensors=tuple(tensors), cos=a, sin=b)
+                else:
+                    new = dataclasses.replace(args, tensors=tuple(tensors), positions=a, cache=b)
+                return reference.run(new)
+            return run
+
+        rb.register_backend(Backend(name=name, device_types=device_types, priority=priority, forward=forward,
+                                    prepare=prepare))
+        fakes.names.append(name)
+
+    def counts(self):
+        return (self.forward, self.prepare, self.runs)
+
+
+def test_repeated_signature_takes_the_prepared_runner(fakes):
+    p = Prepared(fakes)
+    x, c, s = _xcs()
+    want = reference.rotate(x, c, s, rb.Layout.NEOX, 16)
+    assert_bitwise_equal(rb.apply(x, c, s), want)
+    assert p.counts() == (1, 1, 0)
+    for _ in range(3):
+        assert_bitwise_equal(rb.apply(x.clone(), c, s), want)
+    assert p.counts() == (1, 1, 3)
+    rb.apply(x[:2], c[:2], s[:2])  # another signature: the full path once more
+    assert p.counts() == (2, 2, 3)
+
+
+def test_prepared_runners_follow_overrides_and_registry(fakes, monkeypatch):
+    p = Prepared(fakes)
+    x, c, s = _xcs()
+    rb.apply(x, c, s)
+    rb.apply(x, c, s)
+    assert p.counts() == (1, 1, 1)
+    fakes.add("rb_other", priority=10)
+    with rb.use_backend("rb_other"):  # the context is part of the key
+        assert _which(fakes, lambda: rb.apply(x, c, s)) == "rb_other"
+        assert _which(fakes, lambda: rb.apply(x, c, s)) == "rb_other"
+    monkeypatch.setenv("ROPE_BACKEND", "rb_other")  # and the environment
+    assert _which(fakes, lambda: rb.apply(x, c, s)) == "rb_other"
+    monkeypatch.delenv("ROPE_BACKEND")
+    assert _which(fakes, lambda: rb.apply(x, c, s, backend="rb_other")) == "rb_other"  # and the argument
+    before = p.counts()
+    rb.apply(x, c, s)
+    assert p.counts()[0] == before[0] + 1  # adding rb_other dropped every runner: full path once
+    fakes.add("rb_top", priority=1000)  # a backend registered at run time wins at once
+    assert _which(fakes, lambda: rb.apply(x, c, s)) == "rb_top"
+
+
+def test_prepared_runner_is_not_used_where_a_call_needs_more(fakes):
+    p = Prepared(fakes)
+    x, c, s = _xcs()
+    for _ in range(2):
+        rb.apply(x, c, s)
+    xg = x.clone().requires_grad_()
+    rb.apply(xg, c, s).sum().backward()  # needs autograd: the custom op, not the runner
+    assert xg.grad is not None
+    q, k = x.clone(), torch.randn(4, 1, 16)
+    for _ in range(2):
+        rb.apply_qk(q, k, c, s)
+    with pytest.raises(ValueError, match="^k: expected a tensor distinct from q"):
+        rb.apply_qk(q, q.view(4, 2, 16)[:, :1], c, s)  # same signature as (q, k), same address
+    # CPU positions are range-checked on every call, cached signature or not
+    cache = rb.cos_sin_cache(8, 16)
+    pos = torch.arange(4)
+    for _ in range(3):
+        rb.apply_cached(x.clone(), None, pos, cache)
+    with pytest.raises(ValueError, match="^positions: expected values in"):
+        rb.apply_cached(x.clone(), None, torch.tensor([0, 1, 2, 8]), cache)
+
+
+def test_prepared_runner_for_cached_calls(fakes):
+    """An apply_cached runner is handed the caller's 2-D [T, H*D] tensor in place (CPU positions:
+    it checks their range first, on every call)."""
+    p = Prepared(fakes)
+    x = torch.randn(4, 2 * 16)
+    cache = rb.cos_sin_cache(8, 16)
+    pos = torch.arange(4)
+    want = reference.rotate(x.view(4, 2, 16), cache[:4, :8][:, None], cache[:4, 8:][:, None], rb.Layout.NEOX, 16)
+    rb.apply_cached(x.clone(), None, pos, cache, head_dim=16)
+    y = x.clone()
+    out, none = rb.apply_cached(y, None, pos, cache, head_dim=16)
+    assert out is y and none is None and p.counts() == (1, 1, 1)
+    assert_bitwise_equal(y.view(4, 2, 16), want)
+    with pytest.raises(ValueError, match="^positions: expected values in"):
+        rb.apply_cached(y, None, pos + 5, cache, head_dim=16)
+    assert p.counts() == (1, 1, 1)

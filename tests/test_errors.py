@@ -72,3 +72,30 @@ def test_out_of_range_positions_without_debug_give_nan_on_device():
     cache = rb.cos_sin_cache(8, 16)
     cos, sin = cos_sin_from_cache(torch.tensor([0, 7, 8, -1]), cache, None)
     assert not torch.isnan(cos[:2]).any() and torch.isnan(cos[2:]).all() and torch.isnan(sin[2:]).all()
+
+
+def test_inplace_write_is_seen_by_autograd(target):
+    """An in-place call bumps the tensor's version counter on every backend, so autograd refuses a
+    backward that needs the value it overwrote instead of returning a wrong gradient."""
+    dev = target.device
+    w = torch.randn(4, 2, 16, device=dev, requires_grad=True)
+    cache = rb.cos_sin_cache(8, 16, device=dev)
+    cos, sin = cache[:4, :8][:, None], cache[:4, 8:][:, None]
+    calls = {
+        "apply": lambda q, k: rb.apply(q, cos, sin, inplace=True, backend=target.backend),
+        "apply_qk": lambda q, k: rb.apply_qk(q, k, cos, sin, inplace=True, backend=target.backend),
+        "apply_cached": lambda q, k: rb.apply_cached(q, k, torch.arange(4, device=dev), cache, backend=target.backend),
+    }
+    for name, call in calls.items():
+        for _ in range(2):  # the second call of a signature takes the dispatcher's cached path
+            q = torch.randn(4, 2, 16, device=dev)
+            k = torch.randn(4, 1, 16, device=dev)
+            y = (w * q).sum() + (w[:, :1] * k).sum()  # saves q and k for the backward
+            versions = (q._version, k._version)
+            with torch.no_grad():
+                call(q, k)
+            assert q._version > versions[0], name
+            if name != "apply":
+                assert k._version > versions[1], name
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                y.backward()

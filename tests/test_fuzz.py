@@ -141,8 +141,10 @@ def test_strategy_reaches_every_feature():
     from hypothesis import find
 
     def found(op, pred):
-        return find(rope_cases(op, 4096), pred, settings=settings(max_examples=3000, database=None, phases=[Phase.generate],
-                                                                   suppress_health_check=list(HealthCheck)))
+        # derandomized: a fixed draw sequence, so this cannot flake (it did once at random)
+        return find(rope_cases(op, 4096), pred, settings=settings(
+            max_examples=6000, database=None, phases=[Phase.generate], derandomize=True,
+            suppress_health_check=list(HealthCheck)))
 
     found("apply_cached", lambda c: c.mrope is not None and c.mrope[0] == "ernie" and c.mrope_rows == 3)
     found("apply_cached", lambda c: c.mrope is not None and c.mrope_rows == 1 and c.k_heads == 0)

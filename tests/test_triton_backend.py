@@ -470,3 +470,40 @@ def test_gpu_tile_num_warps_is_a_power_of_two(monkeypatch):
                     block_m, num_warps = launch._tile(units, units, unit_elems, device, tile)
                     assert num_warps & (num_warps - 1) == 0 and 1 <= num_warps <= 4, (head_dim, rot, units, num_warps)
                     assert block_m & (block_m - 1) == 0, (head_dim, rot, units, block_m)
+
+
+def test_repeated_calls_run_the_prepared_runner_bit_exact():
+    """The second call of a signature runs the runner launch.prepare made (no validation, no
+    plan lookup); its results equal the first call's, for duplicated cos/sin forms (the runner
+    gets the caller's tensors, not the half-form views), q+k, and apply_cached in place on
+    [T, H*D] and with MRoPE; launch.set_config drops the runners with the plans."""
+    from rope_backends import dispatch
+
+    T, D = 5, 32
+    cache = rb.cos_sin_cache(16, D)
+    cos, sin = rb.cos_sin(torch.arange(T), D)
+    dup_neox = (torch.cat((cos, cos), -1)[:, None], torch.cat((sin, sin), -1)[:, None])
+    dup_inter = (cos.repeat_interleave(2, -1)[:, None], sin.repeat_interleave(2, -1)[:, None])
+    pos3 = torch.randint(0, 16, (3, T))
+    calls = [
+        lambda q, k: (rb.apply(q, *dup_neox, backend="triton"),),
+        lambda q, k: (rb.apply(q, *dup_inter, layout="interleaved", backend="triton"),),
+        lambda q, k: rb.apply_qk(q, k, cos[:, None], sin[:, None], backend="triton"),
+        lambda q, k: rb.apply_cached(q.view(T, -1), k.view(T, -1), torch.arange(T), cache, head_dim=D, backend="triton"),
+        lambda q, k: rb.apply_cached(q, k, pos3, cache, mrope=mrope.interleaved([6, 5, 5]), inplace=False,
+                                     backend="triton"),
+    ]
+    q0, k0 = torch.randn(T, 4, D), torch.randn(T, 2, D)
+    for n, call in enumerate(calls):
+        dispatch._RUNNERS.clear()
+        first = [t.clone() for t in call(q0.clone(), k0.clone()) if t is not None]
+        assert len(dispatch._RUNNERS) == 1, n
+        run = next(iter(dispatch._RUNNERS.values()))
+        again = [t.clone() for t in call(q0.clone(), k0.clone()) if t is not None]
+        assert next(iter(dispatch._RUNNERS.values())) is run
+        for a, b in zip(first, again):
+            assert_bitwise_equal(b, a)
+    key = next(iter(dispatch._RUNNERS))
+    assert dispatch._runner(key) is not None
+    launch.set_config(None)
+    assert dispatch._runner(key) is None  # stale after a planning change

@@ -14,7 +14,9 @@ For one :class:`~rope_backends.testing.cases.RopeCase` on one target (backend, d
    the v part of a fused qkv, cos/sin/positions/cache, and all inputs of an out-of-place call)
    kept its exact bits;
 5. with ``case.backward``: the gradient autograd returns for each input equals the reference
-   rotation by -theta of the upstream gradient (``conjugate=True``).
+   rotation by -theta of the upstream gradient (``conjugate=True``); without it, steps 1, 3 and 4
+   again on fresh inputs, so the second call of a signature (the dispatcher's prepared runner,
+   dispatch.py) is checked as strictly as the first.
 
 A failure raises ``AssertionError`` naming the case, the tensor and the first differing element.
 Error cases (:class:`~rope_backends.testing.cases.ErrorCase`) are checked by
@@ -357,6 +359,14 @@ def check_case(case: RopeCase, backend: str, device: str | torch.device) -> None
             t.requires_grad_(False)
         _check_untouched(case, inp, before, ())
         return
+    outs = call(case, inp, backend)
+    _check_outputs(case, inp, outs, expected, rotated)
+    _check_untouched(case, inp, before, rotated if case.inplace else ())
+    # again on fresh inputs (built from the same seed): a repeated signature takes the
+    # dispatcher's prepared runner, which must give the same bits as the first, full path
+    inp = build(case, device)
+    before = [b.base.clone() for b in inp.buffers]
+    rotated = inp.rotated()
     outs = call(case, inp, backend)
     _check_outputs(case, inp, outs, expected, rotated)
     _check_untouched(case, inp, before, rotated if case.inplace else ())

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ... import platform
 from ...registry import Backend, register_backend
-from .launch import forward  # launch.py imports triton only at the first call
+from .launch import forward, prepare  # launch.py imports triton only at the first call
 
 __all__ = ["forward", "probe"]
 
@@ -41,6 +41,7 @@ register_backend(
         device_types=("cuda",),
         priority=100,
         forward=forward,
+        prepare=prepare,
         probe=probe,
         explicit_device_types=_explicit_device_types,
         description="one Triton kernel family (q+k, positions, MRoPE, backward in one launch); CUDA and ROCm",

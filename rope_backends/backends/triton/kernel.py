@@ -100,8 +100,14 @@ def _rotate_units(
     if HAS_POSITIONS:
         p_row = l0 * ps0 + l1 * ps1 + l2 * ps2
         if MROPE:
-            axis = tl.load(axis_ptr + i, mask=pair_ok, other=0)
-            pos = tl.load(pos_ptr + p_row[:, None] + axis[None, :] * psr, mask=mask, other=0).to(tl.int64)
+            # the three position rows once per unit, then a select per pair: a gather of
+            # positions[axis[i]] per element costs BLOCK_HALF loads per unit (the interleaved
+            # map alternates rows pair by pair)
+            axis = tl.load(axis_ptr + i, mask=pair_ok, other=0)[None, :]
+            p_t = tl.load(pos_ptr + p_row, mask=unit_ok, other=0).to(tl.int64)[:, None]
+            p_h = tl.load(pos_ptr + p_row + psr, mask=unit_ok, other=0).to(tl.int64)[:, None]
+            p_w = tl.load(pos_ptr + p_row + 2 * psr, mask=unit_ok, other=0).to(tl.int64)[:, None]
+            pos = tl.where(axis == 0, p_t, tl.where(axis == 1, p_h, p_w))
         else:
             pos = tl.load(pos_ptr + p_row, mask=unit_ok, other=0).to(tl.int64)[:, None]
         # an out-of-range position reads nothing (masked) and gives NaN, as reference.py does

@@ -30,10 +30,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ... import platform
+from ... import platform, registry
 from ...spec import Layout, RopeArgs
 
-__all__ = ["forward", "plan_for", "set_config", "Plan"]
+__all__ = ["forward", "prepare", "plan_for", "set_config", "Plan"]
 
 _INT32_LIMIT = 2**31 - 1
 _PLANS: dict[tuple, "Plan | None"] = {}      # signature -> plan (None: split the call)
@@ -67,6 +67,7 @@ def set_config(block_m: int | None, num_warps: int | None = None) -> None:
     global _FORCED
     _FORCED = None if block_m is None else (int(block_m), int(num_warps or 4))
     _PLANS.clear()
+    registry.invalidate()  # runners prepared for the dispatcher hold plans
 
 
 def _kernel():
@@ -93,6 +94,7 @@ def forward(args: RopeArgs) -> tuple[Tensor, ...]:
     tensors = args.tensors
     if args.inplace:
         outs = tensors
+        _bump_version(tensors)
     elif len(tensors) == 1:
         outs = (torch.empty_like(tensors[0]),)
     else:
@@ -105,6 +107,51 @@ def forward(args: RopeArgs) -> tuple[Tensor, ...]:
     if pairs:
         _run(args, pairs)
     return outs
+
+
+def prepare(args: RopeArgs):
+    """A runner for every later call with ``args``' signature (registry.Backend.prepare): the
+    plan is fixed, so a call is the outputs' allocation, the pointers' alignment and the launch.
+    None where a call needs more than one launch or a per-call tensor (split or separate q/k
+    launches, cos/sin with different strides, an empty cache or tensor), or during CUDA graph
+    capture (an MRoPE axis map made there lives in the graph's memory)."""
+    tensors = args.tensors
+    if not all(t.numel() for t in tensors):
+        return None
+    if tensors[0].device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    outs = tensors if args.inplace else tuple(torch.empty_like(t) for t in tensors)
+    pairs = tuple(zip(tensors, outs))
+    key = _signature(args, pairs)
+    plan = _PLANS.get(key)
+    if plan is None and key not in _PLANS:
+        plan = _PLANS[key] = _build(args, pairs)
+    if not isinstance(plan, Plan) or plan.contiguous_cos or plan.dummy_cache:
+        return None
+    axis = _axis_tensor(args.mrope.axis_map, tensors[0].device) if plan.meta["MROPE"] else None
+    index = tensors[0].get_device()
+    inplace, two, cached = args.inplace, len(tensors) == 2, args.cache is not None
+    empty_like = torch.empty_like
+
+    def run(tensors, a, b):
+        if inplace:
+            outs = tensors
+            _bump_version(tensors)
+        elif two:
+            outs = (empty_like(tensors[0]), empty_like(tensors[1]))
+        else:
+            outs = (empty_like(tensors[0]),)
+        q, qo = tensors[0], outs[0]
+        k, ko = (tensors[1], outs[1]) if two else (None, None)
+        ptrs = (q, qo, k, ko, None, None, a, b, axis) if cached else (q, qo, k, ko, a, b, None, None, None)
+        if index >= 0 and index != _current_device():
+            with torch.cuda.device(index):
+                _launch(plan, ptrs)
+        else:
+            _launch(plan, ptrs)
+        return outs
+
+    return run
 
 
 def _signature(args: RopeArgs, pairs) -> tuple:
@@ -189,6 +236,29 @@ def _launch(plan: "Plan", ptrs: tuple) -> None:
     compiled = kernel.run(*ptrs, *plan.ints, grid=plan.grid, warmup=False, **plan.meta)
     if _FAST and compiled is not None and hasattr(compiled, "__getitem__"):
         plan.compiled[align] = compiled[plan.grid]  # the runner: reads the current stream per call
+
+
+# A kernel writing through a pointer is invisible to autograd: bump the version counters as
+# torch's own in-place ops do, so a backward that saved the old values raises instead of
+# computing a wrong gradient (inference tensors have no counter and are skipped by torch).
+def _version_bumper():
+    raw = getattr(torch._C, "_increment_version", None)
+    if raw is not None:
+        try:
+            raw((torch.empty(0),))  # recent torch takes a sequence of tensors (older: one tensor)
+            return raw
+        except TypeError:
+            pass
+    public = torch.autograd.graph.increment_version
+
+    def bump(tensors):
+        for t in tensors:
+            public(t)
+
+    return bump
+
+
+_bump_version = _version_bumper()
 
 
 # torch.cuda.current_device() re-checks lazy initialisation on every call; a CUDA tensor in
