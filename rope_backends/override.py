@@ -43,17 +43,15 @@ def parse(spec: str | Mapping[str, str], source: str = "backend") -> Mapping[str
 
 
 class _Overrides(dict):
-    """One ``use_backend`` request. Hashed and compared by identity (each ``with`` block is its own
-    request), so it can key a cache; the cache holds the object, so its id is never reused while
-    an entry refers to it."""
+    """One ``use_backend`` request: a dict that is never changed after it is made, hashed by its
+    content once, so it can key the dispatcher's cache (equal requests share entries)."""
 
-    __hash__ = object.__hash__
+    def __init__(self, items: Mapping[str, str]) -> None:
+        super().__init__(items)
+        self._hash = hash(frozenset(self.items()))
 
-    def __eq__(self, other: object) -> bool:
-        return self is other
-
-    def __ne__(self, other: object) -> bool:
-        return self is not other
+    def __hash__(self) -> int:  # type: ignore[override]
+        return self._hash
 
 
 @contextlib.contextmanager

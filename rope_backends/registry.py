@@ -18,7 +18,7 @@ from torch import Tensor
 from .spec import RopeArgs
 
 __all__ = ["Backend", "BackendInfo", "register_backend", "unregister_backend", "select", "backends", "get",
-           "generation", "invalidate"]
+           "generation", "invalidate", "prepare_forward"]
 
 log = logging.getLogger("rope_backends")
 
@@ -109,6 +109,17 @@ _REGISTRY: dict[str, Backend] = {}
 _SELECTED: dict[tuple, Backend] = {}
 _SKIP_LOGGED: set[tuple] = set()
 _GENERATION = [0]  # bumped on every (un)registration: a selection begun before it is not cached
+
+
+def prepare_forward(forward: Callable[[RopeArgs], tuple[Tensor, ...]]) -> Callable[[RopeArgs], Callable]:
+    """A ``Backend.prepare`` for a backend whose ``forward(args)`` does all its work per call (the
+    torch-level backends): the runner rebinds the validated args to the new call's tensors
+    (:meth:`RopeArgs.for_call`), skipping validation and selection."""
+    def prepare(args: RopeArgs) -> Callable:
+        def run(tensors, a, b):
+            return forward(args.for_call(tensors, a, b))
+        return run
+    return prepare
 
 
 def generation() -> int:

@@ -140,6 +140,19 @@ class RopeArgs:
             return None
         return self.mrope.axis_map
 
+    def for_call(self, tensors: Sequence[Tensor], a: Tensor, b: Tensor) -> "RopeArgs":
+        """These args rebound to a later call with the same signature (``Backend.prepare``'s
+        runner arguments): ``tensors`` the call's (in place, possibly the caller's [T, H*D] form
+        of them), ``a, b`` its cos, sin as passed (either form) or its positions, cache."""
+        tensors = tuple(t if t.shape == like.shape else t.view(like.shape) for t, like in zip(tensors, self.tensors))
+        if self.cache is not None:
+            return RopeArgs(tensors, self.inplace, self.layout, self.rotary_dim, self.conjugate,
+                            positions=a, cache=b, mrope=self.mrope)
+        half = self.rotary_dim // 2
+        if a.shape[-1] != half:  # the duplicated form: the same views validation took
+            a, b = (a[..., :half], b[..., :half]) if self.layout is Layout.NEOX else (a[..., ::2], b[..., ::2])
+        return RopeArgs(tensors, self.inplace, self.layout, self.rotary_dim, self.conjugate, cos=a, sin=b)
+
     @property
     def feature_key(self) -> tuple:
         """What a backend's ``supports()`` may depend on; dispatch caches its answer by this."""

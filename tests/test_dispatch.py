@@ -635,3 +635,13 @@ def test_prepared_runner_for_cached_calls(fakes):
     with pytest.raises(ValueError, match="^positions: expected values in"):
         rb.apply_cached(y, None, pos + 5, cache, head_dim=16)
     assert p.counts() == (1, 1, 1)
+
+
+def test_equal_use_backend_blocks_share_prepared_runners(fakes):
+    """A loop that enters ``use_backend("x")`` around every call keeps one runner per signature."""
+    p = Prepared(fakes, priority=-5)
+    x, c, s = _xcs()
+    for _ in range(4):
+        with rb.use_backend("rb_prep"):
+            rb.apply(x, c, s)
+    assert p.counts() == (1, 1, 3)

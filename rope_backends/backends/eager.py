@@ -4,7 +4,7 @@ of automatic selection; calls :mod:`rope_backends.reference`, never copies it.""
 from __future__ import annotations
 
 from .. import reference
-from ..registry import ANY_DEVICE, Backend, register_backend
+from ..registry import ANY_DEVICE, Backend, prepare_forward, register_backend
 
 register_backend(
     Backend(
@@ -12,6 +12,7 @@ register_backend(
         device_types=(ANY_DEVICE,),
         priority=0,
         forward=reference.run,
+        prepare=prepare_forward(reference.run),
         description="eager torch reference (fp32 math, no FMA); any device",
     )
 )

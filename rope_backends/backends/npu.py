@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import platform, reference
-from ..registry import Backend, register_backend
+from ..registry import Backend, prepare_forward, register_backend
 from ..spec import Layout, RopeArgs
 
 __all__ = ["forward", "probe", "rotate", "cos_sin_from_cache"]
@@ -154,6 +154,7 @@ register_backend(
         device_types=("npu",),
         priority=100,
         forward=forward,
+        prepare=prepare_forward(forward),
         probe=probe,
         explicit_device_types=_explicit_device_types,
         description="Ascend NPU: contiguous cat / stack+flatten, no strided writes; "
