@@ -47,7 +47,7 @@ import triton.language as tl  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 import rope_backends as rb  # noqa: E402
-from rope_backends import reference  # noqa: E402
+from rope_backends import dispatch, reference  # noqa: E402
 from rope_backends.backends import npu as npu_backend  # noqa: E402
 from rope_backends.backends import triton as triton_backend  # noqa: E402
 from rope_backends.backends.triton import launch  # noqa: E402
@@ -261,7 +261,12 @@ def graphs_and_syncs():
         q, k = qkv[:, :4096], qkv[:, 4096:5120]
         pos = torch.randint(0, 4096, (3, 16) if m else (16,), generator=g, device=DEV)
         rb.apply_cached(q, k, pos, cache_m, mrope=m, head_dim=128, backend="triton")  # warm: compiled, plan cached
-        launch._AXIS.clear()  # the axis map is built inside the capture (fills, no host-to-device copy)
+        if m is not None:
+            # the axis map is built inside the capture (fills, no host-to-device copy): drop the map
+            # and the dispatcher's runner that holds it, so the captured call takes the full path
+            launch._AXIS.clear()
+            dispatch._RUNNERS.clear()
+        # "plain": the captured call runs the runner the warm call prepared
         graph = torch.cuda.CUDAGraph()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -290,9 +295,10 @@ def graphs_and_syncs():
     m = rb.mrope.chunked([16, 24, 24])
     rb.apply_cached(qkv[:, :4096], qkv[:, 4096:5120], pos3, cache, mrope=m, head_dim=128, backend="triton")  # map cached
     launch._PLANS.clear()
+    dispatch._RUNNERS.clear()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(2):  # first: plans built; second: cached
+        for _ in range(2):  # first: full path, plans built; second: the prepared runners
             rb.apply(x, cos[:, None], sin[:, None], layout="interleaved", backend="triton")
             rb.apply_qk(x, x[:, :, :2].clone(), cos[:, None], sin[:, None], backend="triton")
             rb.apply_cached(qkv[:, :4096], qkv[:, 4096:5120], pos3[0], cache, head_dim=128, backend="triton")
@@ -498,8 +504,6 @@ def host_overhead():
     launching the compiled kernel by hand with the same plan: ``rb.apply`` out of place (the
     direct launch also allocates its output), and ``rb.apply_cached`` in place for one decode
     token of a fused qkv buffer (q 32 heads, k 8, D=128: the serving hot path)."""
-    from rope_backends import dispatch
-
     x = torch.randn(1, 32, 128, device=DEV).bfloat16()
     c, s = rb.cos_sin(torch.arange(1, device=DEV), 128)
     cos, sin = c[:, None], s[:, None]
