@@ -507,3 +507,19 @@ def test_repeated_calls_run_the_prepared_runner_bit_exact():
     assert dispatch._runner(key) is not None
     launch.set_config(None)
     assert dispatch._runner(key) is None  # stale after a planning change
+
+
+def test_kernel_source_has_no_unary_minus_on_values():
+    """Triton before 3.9 lowers a float negation as ``0.0 - x`` (it maps -0.0 to +0.0): the backward
+    once gave -0.0 where the reference has +0.0, on the H100 only (CI's interpreter runs Triton 3.9,
+    which negates exactly). The kernels must negate nothing but literals; sign flips are written
+    into the add/sub instead."""
+    import ast
+    import inspect
+
+    from rope_backends.backends.triton import kernel
+
+    tree = ast.parse(inspect.getsource(kernel))
+    bad = [f"line {n.lineno}" for n in ast.walk(tree)
+           if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub) and not isinstance(n.operand, ast.Constant)]
+    assert not bad, f"unary minus on a value in kernel.py at {bad}"
