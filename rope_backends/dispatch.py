@@ -9,7 +9,7 @@ option that validation reads) together with the override state keys a runner tha
 backend prepared for that signature (``Backend.prepare``). A call whose signature was validated
 before runs that runner directly: no re-validation, no selection, no planning. That is what keeps
 the host time of ``rb.apply`` near that of launching the kernel by hand. The cache is dropped
-whenever the registry changes (``registry.generation``).
+whenever the registry changes (``registry._GENERATION``, bumped by ``registry.invalidate``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from . import ops, override, reference, registry
-from .spec import (Layout, MRope, RopeArgs, args_for_cached, args_for_tables, cached_signature,
-                   check_position_range, position_range_checked, table_signature)
+from .spec import (Layout, MRope, RopeArgs, args_for_cached, args_for_tables, check_position_range,
+                   position_range_checked)
 
 __all__ = ["apply", "apply_qk", "apply_cached"]
 
@@ -35,6 +35,16 @@ _override_context = override._context
 _getenv = override._getenv
 _ENV = override.ENV
 _DEBUG_ENV = "ROPE_BACKENDS_DEBUG"
+
+
+def _cacheable(tensors: tuple, layout: object, rotary_dim: object, backend: object,
+               head_dim: object = None, mrope: object = None) -> bool:
+    """Whether a call's key may keep a runner: exact ``torch.Tensor`` arguments (subclasses such
+    as Parameter or FakeTensor, and ``None`` for k, aside) and plain option types, so that no two
+    calls that validation tells apart share a key (``1 == True``, and a subclass's metadata)."""
+    return (all(t is None or type(t) is Tensor for t in tensors) and type(layout) in (str, Layout)
+            and (rotary_dim is None or type(rotary_dim) is int) and (head_dim is None or type(head_dim) is int)
+            and (backend is None or type(backend) is str) and (mrope is None or type(mrope) is MRope))
 
 
 def _runner(key: tuple | None) -> Callable | None:
@@ -129,9 +139,9 @@ def apply(
         if run is not None:
             out = run((x,), cos, sin)[0]
             return x if inplace else out
-    named = (("x", x),)
-    if key is not None and table_signature(named, cos, sin, layout, rotary_dim, inplace) is None:
+    if key is not None and not _cacheable((x, cos, sin), layout, rotary_dim, backend):
         key = None  # tensor subclasses, odd option types: always the full path
+    named = (("x", x),)
     args = args_for_tables(named, cos, sin, layout, rotary_dim, inplace)
     if _through_ops(args):
         name = _op_backend(args, backend)
@@ -172,9 +182,9 @@ def apply_qk(
         if run is not None and (not q.numel() or q.data_ptr() != k.data_ptr()):  # addresses: not in a signature
             q_out, k_out = run((q, k), cos, sin)
             return (q, k) if inplace else (q_out, k_out)
-    named = (("q", q), ("k", k))
-    if key is not None and table_signature(named, cos, sin, layout, rotary_dim, inplace) is None:
+    if key is not None and not _cacheable((q, k, cos, sin), layout, rotary_dim, backend):
         key = None
+    named = (("q", q), ("k", k))
     args = args_for_tables(named, cos, sin, layout, rotary_dim, inplace)
     if _through_ops(args):
         name = _op_backend(args, backend)
@@ -235,8 +245,8 @@ def apply_cached(
             if inplace:
                 return q, k
             return outs[0], (outs[1] if k is not None else None)
-    if key is not None and cached_signature(q, k, positions, cos_sin_cache, layout, rotary_dim, mrope, inplace,
-                                            head_dim) is None:
+    if key is not None and not _cacheable((q, k, positions, cos_sin_cache), layout, rotary_dim, backend,
+                                          head_dim, mrope):
         key = None
     args, originals = args_for_cached(q, k, positions, cos_sin_cache, layout, rotary_dim, mrope, inplace, head_dim)
     if not inplace and torch.is_grad_enabled() and any(t.requires_grad for t in args.tensors):

@@ -18,7 +18,7 @@ from torch import Tensor
 from .spec import RopeArgs
 
 __all__ = ["Backend", "BackendInfo", "register_backend", "unregister_backend", "select", "backends", "get",
-           "generation", "invalidate", "prepare_forward"]
+           "invalidate", "prepare_forward"]
 
 log = logging.getLogger("rope_backends")
 
@@ -108,7 +108,7 @@ class BackendInfo:
 _REGISTRY: dict[str, Backend] = {}
 _SELECTED: dict[tuple, Backend] = {}
 _SKIP_LOGGED: set[tuple] = set()
-_GENERATION = [0]  # bumped on every (un)registration: a selection begun before it is not cached
+_GENERATION = [0]  # bumped by invalidate(): a selection begun before is not cached; runners keyed before are dropped
 
 
 def prepare_forward(forward: Callable[[RopeArgs], tuple[Tensor, ...]]) -> Callable[[RopeArgs], Callable]:
@@ -122,14 +122,8 @@ def prepare_forward(forward: Callable[[RopeArgs], tuple[Tensor, ...]]) -> Callab
     return prepare
 
 
-def generation() -> int:
-    """Bumped whenever a selection or a prepared runner may have gone stale (a backend registered
-    or removed, a backend's planning changed); caches built on selections compare it."""
-    return _GENERATION[0]
-
-
 def invalidate() -> None:
-    """Drop every cached selection and, through :func:`generation`, every prepared runner."""
+    """Drop every cached selection and, through the generation number, every prepared runner."""
     _GENERATION[0] += 1
     _SELECTED.clear()
 

@@ -280,36 +280,6 @@ def _signature(tensors: tuple[tuple[str, object], ...], cos: object, sin: object
     return key
 
 
-def table_signature(tensors: tuple[tuple[str, object], ...], cos: object, sin: object,
-                    layout: object, rotary_dim: object, inplace: object) -> tuple | None:
-    """What the checks of :func:`args_for_tables` depend on, or None (odd argument types, or
-    under torch.compile): calls with equal signatures pass or fail validation alike."""
-    if torch.compiler.is_compiling():
-        return None
-    return _signature(tensors, cos, sin, layout, rotary_dim, inplace)
-
-
-def cached_signature(q: object, k: object, positions: object, cache: object, layout: object,
-                     rotary_dim: object, mrope: object, inplace: object, head_dim: object) -> tuple | None:
-    """What the metadata checks of :func:`args_for_cached` depend on, or None (odd argument
-    types). The position range check reads values: a signature does not cover it."""
-    if type(q) is not Tensor or type(positions) is not Tensor or type(cache) is not Tensor:
-        return None
-    if (k is not None and type(k) is not Tensor) or type(layout) not in (str, Layout) or type(inplace) is not bool:
-        return None
-    if (rotary_dim is not None and type(rotary_dim) is not int) or (head_dim is not None and type(head_dim) is not int):
-        return None
-    if mrope is not None and type(mrope) is not MRope:
-        return None
-    key = (layout, rotary_dim, mrope, inplace, head_dim, torch.is_grad_enabled(),
-           q.shape, q.stride(), q.dtype, q.device, q.requires_grad,
-           positions.shape, positions.stride(), positions.dtype, positions.device,
-           cache.shape, cache.stride(), cache.dtype, cache.device)
-    if k is not None:
-        key += (k.shape, k.stride(), k.dtype, k.device, k.requires_grad)
-    return key
-
-
 def args_for_tables(
     tensors: tuple[tuple[str, object], ...],
     cos: object,

@@ -645,3 +645,15 @@ def test_equal_use_backend_blocks_share_prepared_runners(fakes):
         with rb.use_backend("rb_prep"):
             rb.apply(x, c, s)
     assert p.counts() == (1, 1, 3)
+
+
+def test_tensor_subclasses_and_odd_option_types_never_take_a_runner(fakes):
+    p = Prepared(fakes)
+    x, c, s = _xcs()
+    px = torch.nn.Parameter(x.clone(), requires_grad=False)
+    for _ in range(2):
+        rb.apply(px, c, s)
+    assert p.counts() == (2, 0, 0)
+    rb.apply(x, c, s, rotary_dim=16)
+    with pytest.raises(TypeError, match="^rotary_dim"):
+        rb.apply(x, c, s, rotary_dim=16.0)  # equal and same hash as 16, but not an int
