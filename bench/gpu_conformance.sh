@@ -4,9 +4,10 @@
 #     full path, then the dispatcher's prepared runner), with --expect triton;
 #   - the exhaustive tier (`check --full`), split over $SHARDS processes (--shard k/N): it
 #     compiles many kernel variants, which is CPU-bound work each process does on its own;
-#   - the long hypothesis profile (1,500 examples per op, tensors up to 2**20 elements), one
+#   - the long hypothesis profile ($ROPE_FUZZ_EXAMPLES, default 400 per op, tensors up to 2**20 elements), one
 #     process per op.
-# Usage: bash bench/gpu_conformance.sh OUT_DIR [SHARDS] [TIME_LIMIT_S]
+# Usage: bash bench/gpu_conformance.sh OUT_DIR [SHARDS] [TIME_LIMIT_S]  (the limit is per stage:
+# the sample tier, then the shards and the fuzz side by side)
 # Logs go to OUT_DIR; the summary (one line per process and every failure) is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,21 +15,26 @@ out="${1:?usage: bench/gpu_conformance.sh OUT_DIR [SHARDS] [TIME_LIMIT_S]}"
 shards="${2:-12}"
 py="${PYTHON:-python3}"
 limit="${3:-420}"
+examples="${ROPE_FUZZ_EXAMPLES:-400}"  # per op: most compile a new specialisation (~1 s each)
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/device.txt" 2>/dev/null || true
 "$py" -m rope_backends info > "$out/info.txt" 2>&1
 
+status=0
+# the sample tier first and alone: it holds the two >2**31-element cases of every backend, ~20 GiB
+# each, which side by side with the shards' own large cases ran the 80 GB GPU out of memory
+timeout "$limit" "$py" -m rope_backends check --device cuda --expect triton > "$out/sample.txt" 2>&1 || status=1
 pids=()
-timeout "$limit" "$py" -m rope_backends check --device cuda --expect triton > "$out/sample.txt" 2>&1 & pids+=($!)
 for ((k = 0; k < shards; k++)); do
   timeout "$limit" "$py" -m rope_backends check --device cuda --full --shard "$k/$shards" \
     --max-failures 100 > "$out/full_$k.txt" 2>&1 & pids+=($!)
 done
 for op in apply apply_qk apply_cached; do
-  HYPOTHESIS_PROFILE=long timeout "$limit" "$py" -m pytest -q -p no:cacheprovider --device cuda \
-    "tests/test_fuzz.py::test_fuzz_${op}" -rf --tb=short > "$out/fuzz_$op.txt" 2>&1 & pids+=($!)
+  # SIGINT at the limit: pytest still prints its summary
+  HYPOTHESIS_PROFILE=long ROPE_FUZZ_EXAMPLES="$examples" timeout -s INT "$limit" "$py" -m pytest -q \
+    -p no:cacheprovider --device cuda --hypothesis-show-statistics "tests/test_fuzz.py::test_fuzz_${op}" \
+    -rf --tb=short > "$out/fuzz_$op.txt" 2>&1 & pids+=($!)
 done
-status=0
 for pid in "${pids[@]}"; do
   wait "$pid" || status=1
 done
@@ -37,10 +43,11 @@ echo "== device: $(cat "$out/device.txt" 2>/dev/null)"
 echo "== sample tier"; tail -n 12 "$out/sample.txt"
 echo "== full tier ($shards shards)"
 for ((k = 0; k < shards; k++)); do
-  printf 'shard %2d: ' "$k"; grep -E '^(triton|eager|npu) ' "$out/full_$k.txt" | tr '\n' ' ' ; tail -n 1 "$out/full_$k.txt"
-  grep -E '^\s+\[' "$out/full_$k.txt" | head -n 5
+  # the table row when it finished, else the last progress line (cut short by the time limit)
+  printf 'shard %2d: ' "$k"; grep -E '^(triton|eager|npu) |progress:' "$out/full_$k.txt" | tail -n 1 | tr -s ' '
+  grep -E '^\s+(\[|FAIL)' "$out/full_$k.txt" | head -n 5
 done
 for op in apply apply_qk apply_cached; do
-  echo "== fuzz $op"; grep -E 'passed|failed|Error|Falsifying|RopeCase\(|reproduce_failure' "$out/fuzz_$op.txt" | tail -n 8
+  echo "== fuzz $op"; grep -E 'passed|failed|Error|Falsifying|RopeCase\(|reproduce_failure|passing examples|Interrupted' "$out/fuzz_$op.txt" | tail -n 8
 done
 exit "$status"

@@ -187,9 +187,23 @@ def cmd_check(args: argparse.Namespace) -> int:
             cases, t_errors = cases[k::n], (errors if k == 0 else [])
         _p(f"checking {t.backend} on {t.device}: {len(cases)} cases + {len(t_errors)} error cases ...")
 
-        def progress(o, _t=t):
+        # failures print as they happen and a count every 30 s, so a run cut short by a time
+        # limit (a GPU lease, a CI job) still says what it covered
+        seen = {"done": 0, "failed": 0, "t0": time.perf_counter(), "last": time.perf_counter()}
+        total = len(cases) + len(t_errors)
+
+        def progress(o, _t=t, _seen=seen):
+            _seen["done"] += 1
+            _seen["failed"] += not o.ok
             if args.verbose:
                 _p(f"  {'ok  ' if o.ok else 'FAIL'} {o.seconds * 1e3:8.1f} ms  {o.name}")
+            elif not o.ok:
+                _p(f"  FAIL {o.name}: {o.message.splitlines()[0][:400]}")
+            now = time.perf_counter()
+            if now - _seen["last"] >= 30 and not args.verbose:
+                _seen["last"] = now
+                _p(f"  progress: {_seen['done']}/{total} checked, {_seen['failed']} failed, "
+                   f"{now - _seen['t0']:.0f} s")
 
         result = runner.run_target(t, cases, error_cases=t_errors, progress=progress)
         rows.append([t.backend, t.device, str(len(result.outcomes)), str(result.passed), str(result.failed),

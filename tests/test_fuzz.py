@@ -5,7 +5,9 @@ caches and MRoPE sections -- checked on every runnable backend by the same runne
 conformance suite (bit-exact, canaries, inputs untouched, backward).
 
 Profiles (``HYPOTHESIS_PROFILE``): ``ci`` (default: 60 examples per op and backend, tensors up
-to 4096 elements) and ``long`` (GPU lanes: 1500 examples, up to 2**20 elements). Targets that
+to 4096 elements) and ``long`` (GPU lanes: 1500 examples, or ``ROPE_FUZZ_EXAMPLES``, up to 2**20
+elements: most examples compile a new kernel specialisation, so a time-boxed GPU call asks for
+fewer). Targets that
 ``cases.REDUCED_TIERS`` names (the Triton interpreter) run a quarter of the examples.
 """
 
@@ -23,7 +25,7 @@ from rope_backends.testing.cases import REDUCED_TIERS, RopeCase
 
 settings.register_profile("ci", max_examples=60, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-settings.register_profile("long", max_examples=1500, deadline=None, print_blob=True,
+settings.register_profile("long", max_examples=int(os.environ.get("ROPE_FUZZ_EXAMPLES", "1500")), deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 MAX_ELEMS = {"ci": 4096, "long": 1 << 20}.get(os.environ.get("HYPOTHESIS_PROFILE", "ci"), 4096)
