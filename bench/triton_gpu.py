@@ -60,7 +60,7 @@ from rope_backends.testing.make import special_values  # noqa: E402
 DIFFUSION = [(1, 115200, 24, 128), (1, 32760, 12, 128), (2, 4096, 24, 128), (1, 4096, 32, 64), (4096, 24, 128)]
 LLM_T = [1, 16, 64, 256, 4096, 16384]
 MROPE_T = 4096
-BACKWARD = [((1, 115200, 24, 128), "interleaved"), ((4096, 32, 128), "neox")]
+BACKWARD = [((1, 115200, 24, 128), "interleaved"), ((4096, 32, 128), "neox"), ((2, 512, 16, 64), "neox")]
 HQ, HK, D = 32, 8, 128
 MAX_POS = 32768
 SWEEP = [(4, 2), (8, 2), (8, 4), (16, 2), (16, 4), (32, 4), (32, 8), (64, 8)]
@@ -495,7 +495,27 @@ def backward(copy_gbs: float):
         gy = torch.randn_like(y)
         t_ag = median_us(lambda: torch.autograd.grad(y, xg, gy, retain_graph=True))
         row("backward", shape, f"{layout} autograd backward", t_ag, nbytes, copy_gbs, vs_forward=round(t_ag / t_f, 3))
-        del x, xg, y, gy
+        # training as a user sees it, side by side: the eager autograd.Function (rb.apply) vs the
+        # torch.library custom op it replaced in eager mode (what torch.compile still uses);
+        # median_us is do_bench's time, which a host-bound call stretches to its host time
+        D = shape[-1]
+        op = lambda: torch.ops.rope_backends.rope(xg, cos, sin, layout, D, False, "triton")  # noqa: E731
+        y_op = op()
+        t_train_f = median_us(lambda: rb.apply(xg, cos, sin, layout=layout, backend="triton"))
+        t_op_f = median_us(op)
+        t_op_b = median_us(lambda: torch.autograd.grad(y_op, xg, gy, retain_graph=True))
+        t_step = median_us(lambda: torch.autograd.grad(rb.apply(xg, cos, sin, layout=layout, backend="triton"), xg, gy))
+        t_op_step = median_us(lambda: torch.autograd.grad(op(), xg, gy))
+        row("backward", shape, f"{layout} training forward (rb.apply, requires_grad)", t_train_f, nbytes, copy_gbs,
+            vs_forward=round(t_train_f / t_f, 3), vs_custom_op=round(t_train_f / t_op_f, 3))
+        row("backward", shape, f"{layout} custom-op forward (requires_grad)", t_op_f, nbytes, copy_gbs,
+            vs_forward=round(t_op_f / t_f, 3))
+        row("backward", shape, f"{layout} custom-op autograd backward", t_op_b, nbytes, copy_gbs,
+            vs_forward=round(t_op_b / t_f, 3), eager_vs_custom_op=round(t_ag / t_op_b, 3))
+        row("backward", shape, f"{layout} forward + backward (rb.apply)", t_step, 2 * nbytes, copy_gbs,
+            vs_custom_op=round(t_step / t_op_step, 3))
+        row("backward", shape, f"{layout} forward + backward (custom op)", t_op_step, 2 * nbytes, copy_gbs)
+        del x, xg, y, gy, y_op
 
 
 @guarded("host overhead")

@@ -1,8 +1,10 @@
 """The public calls: validate -> pick the backend for the tensors' device -> run it.
 
 Imports no backend. Eager calls that need no gradient go straight to the backend's ``forward``
-through a cached selection (a dict lookup); calls under ``torch.compile`` or that need autograd go
-through the custom ops in ops.py, which compile as one node and carry the backward.
+through a cached selection (a dict lookup); eager calls that need one go through a plain
+``autograd.Function`` around the backend (ops.py; it also serves ``torch.func.grad``); calls
+under ``torch.compile`` go through the custom ops in ops.py, which compile as one node and carry
+the backward.
 
 The repeated call: a call's *signature* (every type, shape, stride, dtype, device, grad flag and
 option that validation reads) together with the override state keys a runner that the selected
@@ -35,6 +37,11 @@ _override_context = override._context
 _getenv = override._getenv
 _ENV = override.ENV
 _DEBUG_ENV = "ROPE_BACKENDS_DEBUG"
+_peek_transform = ops._peek_interpreter_stack  # inside torch.func (grad, vmap): no runners, tensors are wrapped
+
+
+def _no_transform() -> bool:
+    return _peek_transform is None or _peek_transform() is None
 
 
 def _cacheable(tensors: tuple, layout: object, rotary_dim: object, backend: object,
@@ -71,13 +78,33 @@ def _remember(key: tuple | None, backend: registry.Backend, args: RopeArgs, chec
     run = backend.prepare(args)
     if run is not None and check_positions:
         run = _range_checked(run)
-    if run is not None and generation == _GENERATION[0]:  # no registry change meanwhile
+    _keep(key, run, generation)
+
+
+def _keep(key: tuple | None, run: Callable | None, generation: int) -> None:
+    if key is not None and run is not None and generation == _GENERATION[0]:  # no registry change meanwhile
         if _RUNNERS_GENERATION[0] != generation:
             _RUNNERS.clear()
             _RUNNERS_GENERATION[0] = generation
         if len(_RUNNERS) >= _MAX_RUNNERS:
             _RUNNERS.clear()
         _RUNNERS[key] = run
+
+
+def _eager_autograd(key: tuple | None, args: RopeArgs, backend: str | None) -> Callable | None:
+    """The runner for an out-of-place table call that needs a gradient, in eager mode: a plain
+    ``autograd.Function`` around the backend (ops.eager_autograd_runner), kept under ``key`` like
+    any runner. None (the custom op then) for tensor subclasses other than Parameter (FakeTensor,
+    DTensor, ...), which the custom op's registrations serve."""
+    if args.inplace or not all(type(t) in _AUTOGRAD_TYPES for t in args.tensors):
+        return None
+    generation = _GENERATION[0]
+    run = ops.eager_autograd_runner(ops.resolve(args, backend), args)
+    _keep(key, run, generation)
+    return run
+
+
+_AUTOGRAD_TYPES = (Tensor, torch.nn.Parameter)
 
 
 def _run_and_remember(key: tuple | None, args: RopeArgs, backend: str | None,
@@ -125,7 +152,7 @@ def apply(
     Returns a tensor of ``x``'s shape and dtype. Differentiable w.r.t. ``x``.
     """
     key = None
-    if (inplace is True or inplace is False) and not _is_compiling():
+    if (inplace is True or inplace is False) and not _is_compiling() and _no_transform():
         # the signature, flat and inline: this is the whole host cost of a repeated call
         try:
             key = ("apply", x.__class__, x.shape, x.stride(), x.dtype, x.device, x.requires_grad,
@@ -144,6 +171,9 @@ def apply(
     named = (("x", x),)
     args = args_for_tables(named, cos, sin, layout, rotary_dim, inplace)
     if _through_ops(args):
+        run = None if _is_compiling() else _eager_autograd(key, args, backend)
+        if run is not None:
+            return run((x,), cos, sin)[0]
         name = _op_backend(args, backend)
         fixed = (args.cos, args.sin, args.layout.value, args.rotary_dim, False, name)
         if inplace:
@@ -168,7 +198,7 @@ def apply_qk(
     (one kernel launch on GPU). Hq and Hk may differ (GQA/MQA). Same options as :func:`apply`;
     cos/sin must broadcast against both. Differentiable w.r.t. q and k."""
     key = None
-    if (inplace is True or inplace is False) and not _is_compiling():
+    if (inplace is True or inplace is False) and not _is_compiling() and _no_transform():
         try:
             key = ("apply_qk", q.__class__, q.shape, q.stride(), q.dtype, q.device, q.requires_grad,
                    k.__class__, k.shape, k.stride(), k.dtype, k.device, k.requires_grad,
@@ -187,6 +217,10 @@ def apply_qk(
     named = (("q", q), ("k", k))
     args = args_for_tables(named, cos, sin, layout, rotary_dim, inplace)
     if _through_ops(args):
+        run = None if _is_compiling() else _eager_autograd(key, args, backend)
+        if run is not None:
+            q_out, k_out = run((q, k), cos, sin)
+            return q_out, k_out
         name = _op_backend(args, backend)
         fixed = (args.cos, args.sin, args.layout.value, args.rotary_dim, False, name)
         if inplace:
@@ -227,7 +261,7 @@ def apply_cached(
     NaN in that token's rotated part and reads nothing out of bounds.
     """
     key = None
-    if (inplace is True or inplace is False) and not _is_compiling():
+    if (inplace is True or inplace is False) and not _is_compiling() and _no_transform():
         try:
             key = ("apply_cached", q.__class__, q.shape, q.stride(), q.dtype, q.device, q.requires_grad,
                    positions.__class__, positions.shape, positions.stride(), positions.dtype, positions.device,

@@ -3,8 +3,11 @@
 Each public call becomes one opaque custom op, so a compiled graph keeps it whole (no graph
 break, no re-derivation of the math by Inductor, which would contract into FMAs) and autograd
 uses the registered backward: the same op with ``conjugate`` flipped (rotation by -theta).
-Plain eager calls that need no gradient bypass these ops (see dispatch.py): a custom op costs
-about 10 us of host time per call.
+Plain eager calls bypass these ops (see dispatch.py): without a gradient they call the backend
+directly; with one (training) they go through :class:`_EagerRotation`, a plain
+``autograd.Function`` with the same backward. The custom op's autograd wrapper and redispatches
+cost ~100 us of host time per forward + backward (H100 machine: a 29 us kernel took 176 us to
+differentiate), which a small training step pays for every layer.
 
 The backend is resolved when the op runs, from the ``backend`` string (empty: overrides, then
 automatic selection), so a compiled graph follows the ``use_backend`` context it is called in.
@@ -21,7 +24,7 @@ from torch.library import custom_op
 from . import override, registry
 from .spec import Layout, MRope, RopeArgs
 
-__all__ = ["run", "resolve"]
+__all__ = ["run", "resolve", "eager_autograd_runner", "Rotation"]
 
 
 def resolve(args: RopeArgs, backend: str | None) -> registry.Backend:
@@ -33,6 +36,90 @@ def resolve(args: RopeArgs, backend: str | None) -> registry.Backend:
 
 def run(args: RopeArgs, backend: str | None) -> tuple[Tensor, ...]:
     return resolve(args, backend).forward(args)
+
+
+class Rotation:
+    """One backend's out-of-place rotation with fixed options (layout, rotary_dim, direction), run
+    on any tensors and half-form cos/sin: ``rotation(tensors, cos, sin) -> outputs``. It keeps the
+    backend's prepared runner per signature of those tensors (a backward sees one or two: its
+    gradients' strides), so a repeated call skips the backend's planning."""
+
+    __slots__ = ("backend", "layout", "rotary_dim", "conjugate", "_runners", "_reverse")
+    _MAX_RUNNERS = 16
+
+    def __init__(self, backend: registry.Backend, layout: Layout, rotary_dim: int, conjugate: bool) -> None:
+        self.backend, self.layout, self.rotary_dim, self.conjugate = backend, layout, rotary_dim, conjugate
+        self._runners: dict[tuple, object] = {}
+        self._reverse: Rotation | None = None
+
+    def reverse(self) -> "Rotation":
+        """The rotation by -theta (the backward), made once."""
+        if self._reverse is None:
+            self._reverse = Rotation(self.backend, self.layout, self.rotary_dim, not self.conjugate)
+            self._reverse._reverse = self
+        return self._reverse
+
+    def __call__(self, tensors: tuple[Tensor, ...], cos: Tensor, sin: Tensor) -> tuple[Tensor, ...]:
+        key = (cos.shape, cos.stride(), cos.dtype, sin.stride(), sin.dtype, cos.device)
+        for t in tensors:
+            key += (t.shape, t.stride(), t.dtype, t.device)
+        run = self._runners.get(key)
+        if run is not None:
+            return run(tensors, cos, sin)
+        args = RopeArgs(tuple(tensors), False, self.layout, self.rotary_dim, self.conjugate, cos=cos, sin=sin)
+        outs = self.backend.forward(args)
+        if self.backend.prepare is not None and len(self._runners) < self._MAX_RUNNERS:
+            run = self.backend.prepare(args)
+            if run is not None:
+                self._runners[key] = run
+        return outs
+
+
+class _EagerRotation(torch.autograd.Function):
+    """``rotation(tensors, cos, sin)`` with autograd: the gradient of a rotation by theta is the
+    rotation of the upstream gradient by -theta (differentiable again under ``create_graph``);
+    cos/sin get none, as with the custom ops."""
+
+    @staticmethod
+    def forward(rotation: Rotation, cos: Tensor, sin: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+        return tuple(rotation(tensors, cos, sin))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # this form also serves torch.func.grad
+        rotation, cos, sin = inputs[:3]
+        ctx.rotation = rotation
+        ctx.save_for_backward(cos, sin)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        if not any(ctx.needs_input_grad[3:]):
+            return (None,) * (3 + len(grads))
+        cos, sin = ctx.saved_tensors
+        back = ctx.rotation.reverse()
+        if torch.is_grad_enabled():  # create_graph=True: record the backward too
+            grads_in = _EagerRotation.apply(back, cos, sin, *grads)
+        else:
+            grads_in = back(grads, cos, sin)
+        return (None, None, None, *grads_in)
+
+
+def eager_autograd_runner(backend: registry.Backend, args: RopeArgs):
+    """For a validated out-of-place table call that needs a gradient, outside compile:
+    ``runner(tensors, cos, sin) -> outputs`` (cos/sin as the caller passed them, either form),
+    recording :class:`_EagerRotation` on the autograd graph (torch.func.grad included: the custom
+    ops' generated autograd.Function does not support functorch transforms)."""
+    rotation = Rotation(backend, args.layout, args.rotary_dim, args.conjugate)
+    half = args.rotary_dim // 2
+    neox = args.layout is Layout.NEOX
+
+    def run(tensors, cos, sin):
+        if cos.shape[-1] != half:  # the duplicated form: the views validation took
+            cos, sin = (cos[..., :half], sin[..., :half]) if neox else (cos[..., ::2], sin[..., ::2])
+        return _EagerRotation.apply(rotation, cos, sin, *tensors)
+    return run
+
+
+_peek_interpreter_stack = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
 
 
 def _table_args(tensors, inplace, cos, sin, layout, rotary_dim, conjugate) -> RopeArgs:

@@ -54,7 +54,9 @@ def npu(monkeypatch):
         calls.append(args)
         return original.forward(args)
 
-    registry.register_backend(dataclasses.replace(original, forward=counted), replace=True)
+    # the prepared runners must count too: a repeated signature runs through them
+    registry.register_backend(dataclasses.replace(original, forward=counted, prepare=registry.prepare_forward(counted)),
+                              replace=True)
     _clear_selection()
     try:
         yield calls

@@ -38,7 +38,9 @@ def npu(monkeypatch):
         calls.append(args)
         return original.forward(args)
 
-    registry.register_backend(dataclasses.replace(original, forward=counted), replace=True)
+    # the prepared runners must count too: a repeated signature runs through them
+    registry.register_backend(dataclasses.replace(original, forward=counted, prepare=registry.prepare_forward(counted)),
+                              replace=True)
     registry._SELECTED.clear()
     try:
         yield calls
@@ -139,14 +141,28 @@ def test_reshaped_view_of_a_target_counts_as_the_whole_target():
 
 
 def test_custom_ops_are_entered(npu):
+    """The custom ops (what torch.compile and torch.func calls go through) are recorded, and so
+    is what runs inside them."""
     x = _randn((3, 2, 8)).requires_grad_(True)
     cos, sin = _randn((3, 1, 4)), _randn((3, 1, 4), seed=1)
-    _, trace = record(lambda: rb.apply(x, cos, sin, backend="npu").sum().backward())
+    _, trace = record(lambda: torch.ops.rope_backends.rope(x, cos, sin, "neox", 8, False, "npu").sum().backward())
     counts = trace.counts()
     assert counts["rope_backends::rope.default"] == 2  # forward and its backward
     assert counts["aten::cat.default"] == 2  # recorded inside the custom ops
     assert len(npu) == 2
     json.dumps(trace.summary())
+
+
+def test_eager_autograd_is_traced_without_custom_ops(npu):
+    """An eager call that needs a gradient runs the backend under a plain autograd.Function:
+    no custom op, and the backend's own ops (forward and backward) are what the trace sees."""
+    x = _randn((3, 2, 8)).requires_grad_(True)
+    cos, sin = _randn((3, 1, 4)), _randn((3, 1, 4), seed=1)
+    _, trace = record(lambda: rb.apply(x, cos, sin, backend="npu").sum().backward())
+    counts = trace.counts()
+    assert not any(name.startswith("rope_backends::") for name in counts)
+    assert counts["aten::cat.default"] == 2
+    assert len(npu) == 2
 
 
 # --------------------------------------------------------------------------------------------

@@ -172,3 +172,76 @@ def test_compiled_graph_follows_use_backend():
         assert_bitwise_equal(out, rb.apply(x, c, s))
     finally:
         rb.unregister_backend("rb_compile_probe")
+
+
+# --------------------------------------------------------------------------------------------
+# eager autograd: a plain autograd.Function (ops._EagerRotation) instead of the custom ops
+
+
+def _reference_rotation(t, cos, sin, layout, conjugate=False):
+    from rope_backends import reference
+    from rope_backends.spec import Layout, RopeArgs
+    return reference.run(RopeArgs((t,), False, Layout(layout), t.shape[-1], conjugate, cos=cos, sin=sin))[0]
+
+
+@pytest.mark.parametrize("layout", ["neox", "interleaved"])
+def test_eager_grad_call_records_the_eager_rotation_and_torch_func_grad_works(layout):
+    """A gradient call records the eager rotation (visible on its grad_fn), and torch.func.grad
+    works through it (the custom ops' generated autograd.Function refuses functorch transforms);
+    both give the reference's gradient bit for bit."""
+    x, _, c, s = _inputs()
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    xg = x.clone().requires_grad_()
+    y = rb.apply(xg, c, s, layout=layout)
+    assert type(y.grad_fn).__name__ == "_EagerRotationBackward"
+    (eager_grad,) = torch.autograd.grad(y, xg, g)
+    func_grad = torch.func.grad(lambda t: (rb.apply(t, c, s, layout=layout) * g).sum())(x.clone())
+    want = _reference_rotation(g, c, s, layout, conjugate=True)
+    assert_bitwise_equal(eager_grad, want, name="eager autograd")
+    assert_bitwise_equal(func_grad, want, name="torch.func.grad")
+
+
+def test_eager_double_backward_is_the_forward_rotation():
+    """create_graph=True: the gradient is itself differentiable; the gradient of the gradient
+    w.r.t. the upstream gradient is the rotation by +theta again (the op is linear)."""
+    x, k, c, s = _inputs()
+    qg, kg = x.clone().requires_grad_(), k.clone().requires_grad_()
+    gq = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).requires_grad_()
+    gk = torch.randn(k.shape, generator=torch.Generator().manual_seed(5)).requires_grad_()
+    q_out, k_out = rb.apply_qk(qg, kg, c, s)
+    dq, dk = torch.autograd.grad((q_out, k_out), (qg, kg), (gq, gk), create_graph=True)
+    assert_bitwise_equal(dq.detach(), _reference_rotation(gq.detach(), c, s, "neox", True), name="dq")
+    vq, vk = torch.randn_like(x), torch.randn_like(k)
+    ddq, ddk = torch.autograd.grad((dq, dk), (gq, gk), (vq, vk))
+    assert_bitwise_equal(ddq, _reference_rotation(vq, c, s, "neox"), name="d(dq)/d(gq)")
+    assert_bitwise_equal(ddk, _reference_rotation(vk, c, s, "neox"), name="d(dk)/d(gk)")
+
+
+def test_eager_grad_of_a_parameter_and_of_an_unused_output():
+    """nn.Parameter inputs take the eager path too; an output that does not reach the loss
+    contributes a zero gradient."""
+    x, k, c, s = _inputs()
+    p = torch.nn.Parameter(x.clone())
+    kg = k.clone().requires_grad_()
+    q_out, _ = rb.apply_qk(p, kg, c, s)
+    q_out.sum().backward()
+    assert_bitwise_equal(p.grad, _reference_rotation(torch.ones_like(x), c, s, "neox", True), name="grad")
+    assert kg.grad is not None and not kg.grad.any()
+
+
+def test_repeated_grad_calls_reuse_one_rotation_and_keep_bits():
+    """The second call of a signature runs the kept runner; both calls' outputs and gradients
+    are the same bits, and the backward keeps one backend runner per gradient signature."""
+    from rope_backends import dispatch
+    x, _, c, s = _inputs(torch.bfloat16)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(6)).bfloat16()
+    results = []
+    for _ in range(3):
+        xg = x.clone().requires_grad_()
+        y = rb.apply(xg, c, s, layout="interleaved")
+        results.append((y.detach(), torch.autograd.grad(y, xg, g)[0]))
+    assert any(k[0] == "apply" and k[6] is True for k in dispatch._RUNNERS), "no runner kept for the grad call"
+    for y, gx in results[1:]:
+        assert_bitwise_equal(y, results[0][0], name="output")
+        assert_bitwise_equal(gx, results[0][1], name="grad")
+    assert_bitwise_equal(results[0][1], _reference_rotation(g, c, s, "interleaved", True), name="grad vs reference")
