@@ -34,9 +34,9 @@ _GENERATION = registry._GENERATION  # the registry's counter (a one-element list
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
 _override_context = override._context
-_getenv = override._getenv
-_ENV = override.ENV
+_env_raw = override.raw_env(override.ENV)  # ROPE_BACKEND, as stored: part of every runner key
 _DEBUG_ENV = "ROPE_BACKENDS_DEBUG"
+_debug_raw = override.raw_env(_DEBUG_ENV)
 _peek_transform = ops._peek_interpreter_stack  # inside torch.func (grad, vmap): no runners, tensors are wrapped
 
 
@@ -159,7 +159,7 @@ def apply(
                    cos.__class__, cos.shape, cos.stride(), cos.dtype, cos.device, cos.requires_grad,
                    sin.__class__, sin.shape, sin.stride(), sin.dtype, sin.device, sin.requires_grad,
                    layout, rotary_dim.__class__, rotary_dim, inplace, backend,
-                   _grad_enabled(), _override_context.get(), _getenv(_ENV))
+                   _grad_enabled(), _override_context.get(), _env_raw())
             run = _runner(key)
         except (AttributeError, TypeError):  # not tensors, unhashable options: the full checks say why
             key = run = None
@@ -205,7 +205,7 @@ def apply_qk(
                    cos.__class__, cos.shape, cos.stride(), cos.dtype, cos.device, cos.requires_grad,
                    sin.__class__, sin.shape, sin.stride(), sin.dtype, sin.device, sin.requires_grad,
                    layout, rotary_dim.__class__, rotary_dim, inplace, backend,
-                   _grad_enabled(), _override_context.get(), _getenv(_ENV))
+                   _grad_enabled(), _override_context.get(), _env_raw())
             run = _runner(key)
         except (AttributeError, TypeError):
             key = run = None
@@ -268,7 +268,7 @@ def apply_cached(
                    cos_sin_cache.__class__, cos_sin_cache.shape, cos_sin_cache.stride(), cos_sin_cache.dtype,
                    cos_sin_cache.device, layout, rotary_dim.__class__, rotary_dim, mrope, inplace,
                    head_dim.__class__, head_dim, backend,
-                   _grad_enabled(), _override_context.get(), _getenv(_ENV), _getenv(_DEBUG_ENV))
+                   _grad_enabled(), _override_context.get(), _env_raw(), _debug_raw())
             if k is not None:
                 key += (k.__class__, k.shape, k.stride(), k.dtype, k.device, k.requires_grad)
             run = _runner(key)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 from typing import Iterator, Mapping
 
@@ -86,6 +87,16 @@ def _environ_getter():
 
 
 _getenv = _environ_getter()
+
+
+def raw_env(name: str):
+    """``() -> value`` of one environment variable in its stored form (bytes on POSIX), for cache
+    keys: the key encoded once, no decoding (a dispatch key needs equality, not the text)."""
+    data = getattr(os.environ, "_data", None)
+    encode = getattr(os.environ, "encodekey", None)
+    if not isinstance(data, dict) or encode is None:
+        return lambda: os.environ.get(name)
+    return functools.partial(data.get, encode(name))
 
 
 def state() -> tuple:
