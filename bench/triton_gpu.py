@@ -556,6 +556,15 @@ def host_overhead():
     def cdirect():
         ccompiled[cplan.grid](*cptrs, *cplan.tail)
 
+    # the tightest floor: the launcher handed the current stream, as launch.py's own path does
+    raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+    def direct_stream():
+        compiled[plan.grid](*ptrs, *plan.tail, stream=raw_stream(torch._C._cuda_getDevice()))
+
+    def cdirect_stream():
+        ccompiled[cplan.grid](*cptrs, *cplan.tail, stream=raw_stream(torch._C._cuda_getDevice()))
+
     sync = torch.cuda.synchronize if not SMOKE else (lambda: None)
 
     def per_call(fn, n=20000 if not SMOKE else 3):
@@ -582,11 +591,18 @@ def host_overhead():
         "rb.apply, no prepared runner": per_call(lambda: (dispatch._RUNNERS.clear(), rb.apply(x, cos, sin))),
         "decode: compiled kernel launch (in place)": per_call(cdirect) if not SMOKE else 0.0,
         "decode: rb.apply_cached (auto dispatch)": per_call(lambda: rb.apply_cached(q, k, pos, cache, head_dim=128)),
+        "compiled kernel launch, stream passed + empty_like":
+            per_call(lambda: (torch.empty_like(x), direct_stream())) if not SMOKE else 0.0,
+        "decode: compiled kernel launch, stream passed (in place)": per_call(cdirect_stream) if not SMOKE else 0.0,
     }
     base = res["compiled kernel launch + empty_like"]
     res["overhead: rb.apply - compiled launch(+empty_like)"] = res["rb.apply (auto dispatch)"] - base
     res["overhead: rb.apply_cached - compiled launch (decode, in place)"] = (
         res["decode: rb.apply_cached (auto dispatch)"] - res["decode: compiled kernel launch (in place)"])
+    res["overhead: rb.apply - stream-passed launch(+empty_like)"] = (
+        res["rb.apply (auto dispatch)"] - res["compiled kernel launch, stream passed + empty_like"])
+    res["overhead: rb.apply_cached - stream-passed launch (decode, in place)"] = (
+        res["decode: rb.apply_cached (auto dispatch)"] - res["decode: compiled kernel launch, stream passed (in place)"])
     res["overhead: launch.forward - compiled launch(+empty_like)"] = res["launch.forward(RopeArgs)"] - base
     res["overhead: rb.apply - JITFunction.run"] = res["rb.apply (auto dispatch)"] - res["JITFunction.run (triton's own launch path)"]
     RESULTS["host_us"] = {k: round(v, 2) for k, v in res.items()}

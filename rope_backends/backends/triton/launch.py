@@ -216,8 +216,9 @@ def _launch(plan: "Plan", ptrs: tuple) -> None:
     call (about 49 us of host time per launch on the H100 machine, triton 3.6). A plan fixes
     every integer argument and constexpr, so what is left to specialise on is the 16-byte
     alignment of the pointers: the compiled kernel is kept per (plan, alignment) and launched
-    directly (``CompiledKernel[grid](*args)``, the same launcher ``run`` ends in). The first call
-    of each goes through ``run``, which compiles and returns the compiled kernel."""
+    directly (``CompiledKernel[grid](*args, stream=...)``, the same launcher ``run`` ends in, given
+    the current stream so it skips its own device and stream lookup). The first call of each goes
+    through ``run``, which compiles and returns the compiled kernel."""
     global _FAST
     if _FAST:
         first = ptrs[0].data_ptr() | ptrs[1].data_ptr()
@@ -228,7 +229,12 @@ def _launch(plan: "Plan", ptrs: tuple) -> None:
         launcher = plan.compiled.get(align)
         if launcher is not None:
             try:
-                launcher(*ptrs, *plan.tail)
+                if _raw_stream is not None:
+                    # the stream handed over: the launcher would otherwise look up the device
+                    # and stream through Triton's driver proxy on every call
+                    launcher(*ptrs, *plan.tail, stream=_raw_stream(_current_device()))
+                else:
+                    launcher(*ptrs, *plan.tail)
                 return
             except TypeError:  # another Triton's launcher convention: always go through run
                 _FAST = False
@@ -264,6 +270,8 @@ _bump_version = _version_bumper()
 # torch.cuda.current_device() re-checks lazy initialisation on every call; a CUDA tensor in
 # hand means CUDA is initialised, so ask the device index directly where torch has the call
 _current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
+# the current stream of a device as the raw handle Triton's launcher takes (CUDA and ROCm builds)
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def _axis_tensor(axis_map: tuple[int, ...], device: torch.device) -> Tensor:
