@@ -1085,9 +1085,17 @@ def _direct_triton(d: dict, op: str):
     if raw_stream is None or current is None:
         raise Skip("torch has no raw CUDA stream query here")
 
-    def run_():
-        launcher(*ptrs, *tail, stream=raw_stream(current()))
-        return outs if op == "apply" else originals
+    if args.inplace:
+        def run_():
+            launcher(*ptrs, *tail, stream=raw_stream(current()))
+            return originals
+    else:  # out of place: a hand-written call allocates its output too, as rb.apply does
+        empty_like, rest = torch.empty_like, ptrs[2:]
+
+        def run_():
+            out = empty_like(q)
+            launcher(q, out, *rest, *tail, stream=raw_stream(current()))
+            return (out,)
     return run_
 
 
