@@ -4,7 +4,7 @@
         torch / triton / torch_npu versions, devices, GPU vendor (CUDA or ROCm), the backend each
         device type gets, every backend with its availability (and the reason when unavailable).
 
-    python -m rope_backends check [--backend NAME ...] [--device TYPE] [--expect NAME] [--full] [--shard K/N] [--bench] [-v]
+    python -m rope_backends check [--backend NAME ...] [--device TYPE] [--expect NAME] [--full] [--names FILE] [--shard K/N] [--bench] [-v]
         runs the shipped conformance suite (rope_backends.testing: cases and error cases) on every
         device type and backend this machine can run, prints one row per target (backend, device,
         cases, passed, failed, seconds) and exits non-zero on any failure. ``--expect NAME`` also
@@ -182,9 +182,19 @@ def cmd_check(args: argparse.Namespace) -> int:
         kind = torch.device(t.device).type
         cases = case_data.cases_for(t.backend, kind, args.full)
         t_errors = errors
+        if args.names is not None:  # a named subset (e.g. what a time-boxed run did not reach)
+            cases = [c for c in cases if c.name in args.names]
+            t_errors = [e for e in errors if f"error:{e.name}" in args.names]
+            if not cases and not t_errors:  # a typo or the wrong tier must not pass as "0 failed"
+                _p(f"check: --names: none of the {len(args.names)} names is a case of this tier for {t.backend} "
+                   f"on {t.device}" + ("" if args.full else " (add --full for the exhaustive tier)"))
+                return 2
+            if len(cases) + len(t_errors) < len(args.names):
+                _p(f"  ({len(args.names) - len(cases) - len(t_errors)} of the names are not cases of "
+                   f"{t.backend}'s tier on {t.device})")
         if args.shard is not None:  # every n-th case; the error catalogue goes with shard 0
             k, n = args.shard
-            cases, t_errors = cases[k::n], (errors if k == 0 else [])
+            cases, t_errors = cases[k::n], (t_errors if k == 0 else [])
         _p(f"checking {t.backend} on {t.device}: {len(cases)} cases + {len(t_errors)} error cases ...")
 
         # failures print as they happen and a count every 30 s, so a run cut short by a time
@@ -260,6 +270,18 @@ def _shard(text: str) -> tuple[int, int]:
     return k, n
 
 
+def _names(path: str) -> frozenset[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.split("#", 1)[0].strip() for line in f]
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path!r}: {exc.strerror}") from None
+    names = frozenset(line for line in lines if line)
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected case names in {path!r}, got none")
+    return names
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rope_backends", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
@@ -274,6 +296,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--bench", action="store_true", help="then run rope_backends.benchmarking.run_short()")
     check.add_argument("--shard", type=_shard, default=None, metavar="K/N",
                        help="only cases K, K+N, K+2N, ... (0 <= K < N): split a long tier over processes")
+    check.add_argument("--names", type=_names, default=None, metavar="FILE",
+                       help="only the cases named in FILE, one per line ('error:NAME' for an error case; "
+                            "'#' starts a comment)")
     check.add_argument("-v", "--verbose", action="store_true", help="one line per case")
     check.add_argument("--max-failures", type=int, default=30, help="failures listed (default 30)")
     args = parser.parse_args(argv)

@@ -495,6 +495,31 @@ def test_cli_check_shards_cover_the_tier_once(capsys, small_tier):
             main(["check", "--shard", bad])
 
 
+def test_cli_check_names_runs_exactly_the_named_cases(capsys, small_tier, tmp_path):
+    """--names FILE (what a time-boxed GPU run did not reach) runs those cases and error cases
+    only; a file naming nothing of the tier fails instead of passing as "0 failed"."""
+    from rope_backends.__main__ import main
+    from rope_backends.testing import cases as case_data
+
+    wanted = [small_tier[1].name, small_tier[-1].name]
+    error = f"error:{case_data.error_cases()[0].name}"
+    names = tmp_path / "names.txt"
+    names.write_text(f"# not reached\n{wanted[0]}\n\n{wanted[1]}  # trailing comment\n{error}\nnot-a-case\n")
+    assert main(["check", "--backend", "eager", "--names", str(names), "-v"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    ran = [ln.split()[-1] for ln in lines if ln.strip().startswith("ok ")]
+    assert sorted(ran) == sorted(wanted + [error])
+    assert any("1 of the names are not cases" in ln for ln in lines)
+    bogus = tmp_path / "bogus.txt"
+    bogus.write_text("not-a-case\n")
+    assert main(["check", "--backend", "eager", "--names", str(bogus)]) == 2
+    assert "none of the 1 names" in capsys.readouterr().out
+    for bad in (str(tmp_path / "missing.txt"), str(tmp_path / "empty.txt")):
+        (tmp_path / "empty.txt").write_text("# nothing\n")
+        with pytest.raises(SystemExit):
+            main(["check", "--names", bad])
+
+
 def test_cli_check_reports_failures(fakes, capsys, small_tier):
     from rope_backends.__main__ import main
 
