@@ -245,3 +245,21 @@ def test_repeated_grad_calls_reuse_one_rotation_and_keep_bits():
         assert_bitwise_equal(y, results[0][0], name="output")
         assert_bitwise_equal(gx, results[0][1], name="grad")
     assert_bitwise_equal(results[0][1], _reference_rotation(g, c, s, "interleaved", True), name="grad vs reference")
+
+
+def test_eager_grad_under_activation_checkpointing():
+    """torch.utils.checkpoint (both modes) re-runs the forward in the backward: the gradients
+    are the plain call's, bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+    x, k, c, s = _inputs(torch.bfloat16)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).bfloat16()
+
+    def block(t):
+        return rb.apply(t * 2, c, s, layout="interleaved") * 3
+
+    xg = x.clone().requires_grad_()
+    (plain,) = torch.autograd.grad(block(xg), xg, g)
+    for reentrant in (False, True):  # the reentrant form only supports .backward()
+        xg = x.clone().requires_grad_()
+        checkpoint(block, xg, use_reentrant=reentrant).backward(g)
+        assert_bitwise_equal(xg.grad, plain, name=f"checkpoint(use_reentrant={reentrant})")
