@@ -54,6 +54,33 @@ def _cacheable(tensors: tuple, layout: object, rotary_dim: object, backend: obje
             and (backend is None or type(backend) is str) and (mrope is None or type(mrope) is MRope))
 
 
+def _without_negative_bit(named: tuple[tuple[str, object], ...], rotated: int, inplace: object) -> list:
+    """The operands with torch's lazy negation applied (``.conj().imag`` of a complex tensor and
+    ``torch._neg_view`` give views whose values are the negated memory): a kernel reads memory,
+    so it must see the values. The first ``rotated`` operands are written when in place: a
+    negated view cannot take a kernel's write, so that is refused (nothing written)."""
+    out = []
+    for i, (name, t) in enumerate(named):
+        if isinstance(t, Tensor) and t.is_neg():
+            if i < rotated and inplace is True:
+                raise ValueError(
+                    f"{name}: expected a tensor without torch's negative bit for inplace=True, got a lazily "
+                    f"negated view (e.g. from .conj().imag); pass {name}.resolve_neg() or inplace=False")
+            t = t.resolve_neg()
+        out.append(t)
+    return out
+
+
+def _negated(a: object, b: object = None, c: object = None, d: object = None) -> bool:
+    """Whether any of these tensors carries torch's negative bit (positional, no generator: this
+    runs on every call)."""
+    try:
+        return a.is_neg() or (b is not None and b.is_neg()) or (c is not None and c.is_neg()) or (
+            d is not None and d.is_neg())
+    except AttributeError:  # not tensors: validation says why
+        return False
+
+
 def _runner(key: tuple | None) -> Callable | None:
     """The runner kept for ``key``, unless the registry changed since (then none, until the next
     full call clears the cache and keeps a fresh one)."""
@@ -151,8 +178,11 @@ def apply(
 
     Returns a tensor of ``x``'s shape and dtype. Differentiable w.r.t. ``x``.
     """
+    compiling = _is_compiling()  # dynamo folds it; is_neg() cannot be traced
+    if not compiling and _negated(x, cos, sin):
+        x, cos, sin = _without_negative_bit((("x", x), ("cos", cos), ("sin", sin)), 1, inplace)
     key = None
-    if (inplace is True or inplace is False) and not _is_compiling() and _no_transform():
+    if (inplace is True or inplace is False) and not compiling and _no_transform():
         # the signature, flat and inline: this is the whole host cost of a repeated call
         try:
             key = ("apply", x.__class__, x.shape, x.stride(), x.dtype, x.device, x.requires_grad,
@@ -197,8 +227,11 @@ def apply_qk(
     """Rotate q ``[..., Hq, D]`` and k ``[..., Hk, D]`` with the same cos/sin in one call
     (one kernel launch on GPU). Hq and Hk may differ (GQA/MQA). Same options as :func:`apply`;
     cos/sin must broadcast against both. Differentiable w.r.t. q and k."""
+    compiling = _is_compiling()  # dynamo folds it; is_neg() cannot be traced
+    if not compiling and _negated(q, k, cos, sin):
+        q, k, cos, sin = _without_negative_bit((("q", q), ("k", k), ("cos", cos), ("sin", sin)), 2, inplace)
     key = None
-    if (inplace is True or inplace is False) and not _is_compiling() and _no_transform():
+    if (inplace is True or inplace is False) and not compiling and _no_transform():
         try:
             key = ("apply_qk", q.__class__, q.shape, q.stride(), q.dtype, q.device, q.requires_grad,
                    k.__class__, k.shape, k.stride(), k.dtype, k.device, k.requires_grad,
@@ -260,8 +293,12 @@ def apply_cached(
     ``ROPE_BACKENDS_DEBUG=1`` (the check costs a sync); otherwise an out-of-range position gives
     NaN in that token's rotated part and reads nothing out of bounds.
     """
+    compiling = _is_compiling()  # dynamo folds it; is_neg() cannot be traced
+    if not compiling and (_negated(q, positions, cos_sin_cache) or (k is not None and _negated(k))):
+        q, k, positions, cos_sin_cache = _without_negative_bit(
+            (("q", q), ("k", k), ("positions", positions), ("cos_sin_cache", cos_sin_cache)), 2, inplace)
     key = None
-    if (inplace is True or inplace is False) and not _is_compiling() and _no_transform():
+    if (inplace is True or inplace is False) and not compiling and _no_transform():
         try:
             key = ("apply_cached", q.__class__, q.shape, q.stride(), q.dtype, q.device, q.requires_grad,
                    positions.__class__, positions.shape, positions.stride(), positions.dtype, positions.device,

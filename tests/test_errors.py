@@ -99,3 +99,39 @@ def test_inplace_write_is_seen_by_autograd(target):
                 assert k._version > versions[1], name
             with pytest.raises(RuntimeError, match="modified by an inplace operation"):
                 y.backward()
+
+
+def test_negative_bit_views_are_read_as_their_values(target):
+    """torch's lazily negated views (``.conj().imag`` of a complex tensor, ``torch._neg_view``)
+    hold the negation in a bit, not in memory: every backend must read their values, as the
+    reference does through torch ops -- for the rotated tensors out of place and for cos/sin,
+    positions and the cache -- on the first call of a signature and on the repeated one."""
+    from rope_backends import reference
+    from rope_backends.testing import assert_bitwise_equal
+
+    dev, b = target.device, target.backend
+    g = torch.Generator().manual_seed(11)
+
+    def neg_view(t):  # same values, carried as -(-t) with the negative bit set
+        v = torch._neg_view(-t)
+        assert v.is_neg() and torch.equal(v, t)
+        return v
+
+    x = torch.randn(4, 2, 16, generator=g).to(dev)
+    k = torch.randn(4, 1, 16, generator=g).to(dev)
+    cache = rb.cos_sin_cache(8, 16, device=dev)
+    pos = torch.tensor([3, 0, 7, 5], device=dev)
+    cos, sin = reference.cos_sin_from_cache(pos, cache, None)
+    cos, sin = cos[:, None], sin[:, None]
+    want = rb.apply(x, cos, sin, backend="eager")
+    want_qk = rb.apply_qk(x, k, cos, sin, backend="eager")
+    for _ in range(2):  # the second call of each signature takes the dispatcher's prepared runner
+        assert_bitwise_equal(rb.apply(neg_view(x), cos, sin, backend=b), want, name="apply, x negated view")
+        assert_bitwise_equal(rb.apply(x, neg_view(cos), neg_view(sin), backend=b), want, name="apply, cos/sin")
+        for got, w in zip(rb.apply_qk(x, neg_view(k), cos, sin, backend=b), want_qk):
+            assert_bitwise_equal(got, w, name="apply_qk, k negated view")
+        got = rb.apply_cached(x, k, neg_view(pos), neg_view(cache), inplace=False, backend=b)
+        for out, w in zip(got, want_qk):
+            assert_bitwise_equal(out, w, name="apply_cached, positions/cache negated views")
+        got = rb.apply_cached(neg_view(x), None, pos, cache, inplace=False, backend=b)
+        assert_bitwise_equal(got[0], want, name="apply_cached, q negated view")

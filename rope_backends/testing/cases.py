@@ -709,6 +709,11 @@ def error_cases() -> list[ErrorCase]:
     apply_case("inplace_requires_grad", ValueError, "x", x=lambda dev: _t(4, 2, 16, device=dev).requires_grad_(),
                inplace=True)
     cached_case("inplace_expanded_k", ValueError, "k", k=lambda dev: _t(6, 1, 16, device=dev).expand(6, 2, 16))
+    # torch's lazily negated views (.conj().imag): a kernel's write would land un-negated
+    apply_case("inplace_negative_view", ValueError, "x", x=lambda dev: torch._neg_view(_t(4, 2, 16, device=dev)),
+               inplace=True)
+    qk_case("inplace_negative_view_k", ValueError, "k", k=lambda dev, q: torch._neg_view(_t(4, 2, 16, device=dev)))
+    cached_case("inplace_negative_view_q", ValueError, "q", q=lambda dev: torch._neg_view(_t(6, 4, 16, device=dev)))
     qk_case("q_is_k", ValueError, "k", k=lambda dev, q: q)
     qk_case("k_view_of_q", ValueError, "k", q=lambda dev: _t(4, 4, 16, device=dev), k=lambda dev, q: q[:, :2])
     cases.append(E("k_is_q_cached", ValueError, "k", _same_qk_cached))
