@@ -3,8 +3,8 @@
 Imports no backend. Eager calls that need no gradient go straight to the backend's ``forward``
 through a cached selection (a dict lookup); eager calls that need one go through a plain
 ``autograd.Function`` around the backend (ops.py; it also serves ``torch.func.grad``); calls
-under ``torch.compile`` go through the custom ops in ops.py, which compile as one node and carry
-the backward.
+under ``torch.compile``, a TorchDispatchMode (make_fx, FakeTensorMode, ...) or a jit trace go
+through the custom ops in ops.py, which those see as one op and which carry the backward.
 
 The repeated call: a call's *signature* (every type, shape, stride, dtype, device, grad flag and
 option that validation reads) together with the override state keys a runner that the selected
@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import ops, override, reference, registry
 from .spec import (Layout, MRope, RopeArgs, args_for_cached, args_for_tables, check_position_range,
-                   position_range_checked)
+                   position_range_checked, traced)
 
 __all__ = ["apply", "apply_qk", "apply_cached"]
 
@@ -40,8 +40,14 @@ _debug_raw = override.raw_env(_DEBUG_ENV)
 _peek_transform = ops._peek_interpreter_stack  # inside torch.func (grad, vmap): no runners, tensors are wrapped
 
 
-def _no_transform() -> bool:
-    return _peek_transform is None or _peek_transform() is None
+_traced = traced  # a mode or trace watching: it must see the call as one op (the custom op)
+
+
+# What a repeated call checks before taking a prepared runner (inline, it runs on every call): no
+# torch.func transform (wrapped tensors), no dispatch mode and no jit trace watching (_traced)
+_transform = _peek_transform or (lambda: None)
+_modes = getattr(torch._C, "_len_torch_dispatch_stack", None) or (lambda: 0)
+_jit_trace = getattr(torch._C, "_get_tracing_state", None) or (lambda: None)
 
 
 def _cacheable(tensors: tuple, layout: object, rotary_dim: object, backend: object,
@@ -143,7 +149,7 @@ def _run_and_remember(key: tuple | None, args: RopeArgs, backend: str | None,
 
 
 def _through_ops(args: RopeArgs) -> bool:
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _traced():
         return True
     return torch.is_grad_enabled() and any(t.requires_grad for t in args.tensors)
 
@@ -182,7 +188,8 @@ def apply(
     if not compiling and _negated(x, cos, sin):
         x, cos, sin = _without_negative_bit((("x", x), ("cos", cos), ("sin", sin)), 1, inplace)
     key = None
-    if (inplace is True or inplace is False) and not compiling and _no_transform():
+    if ((inplace is True or inplace is False) and not compiling
+            and _transform() is None and not _modes() and _jit_trace() is None):
         # the signature, flat and inline: this is the whole host cost of a repeated call
         try:
             key = ("apply", x.__class__, x.shape, x.stride(), x.dtype, x.device, x.requires_grad,
@@ -201,7 +208,7 @@ def apply(
     named = (("x", x),)
     args = args_for_tables(named, cos, sin, layout, rotary_dim, inplace)
     if _through_ops(args):
-        run = None if _is_compiling() else _eager_autograd(key, args, backend)
+        run = None if _is_compiling() or _traced() else _eager_autograd(key, args, backend)
         if run is not None:
             return run((x,), cos, sin)[0]
         name = _op_backend(args, backend)
@@ -231,7 +238,8 @@ def apply_qk(
     if not compiling and _negated(q, k, cos, sin):
         q, k, cos, sin = _without_negative_bit((("q", q), ("k", k), ("cos", cos), ("sin", sin)), 2, inplace)
     key = None
-    if (inplace is True or inplace is False) and not compiling and _no_transform():
+    if ((inplace is True or inplace is False) and not compiling
+            and _transform() is None and not _modes() and _jit_trace() is None):
         try:
             key = ("apply_qk", q.__class__, q.shape, q.stride(), q.dtype, q.device, q.requires_grad,
                    k.__class__, k.shape, k.stride(), k.dtype, k.device, k.requires_grad,
@@ -250,7 +258,7 @@ def apply_qk(
     named = (("q", q), ("k", k))
     args = args_for_tables(named, cos, sin, layout, rotary_dim, inplace)
     if _through_ops(args):
-        run = None if _is_compiling() else _eager_autograd(key, args, backend)
+        run = None if _is_compiling() or _traced() else _eager_autograd(key, args, backend)
         if run is not None:
             q_out, k_out = run((q, k), cos, sin)
             return q_out, k_out
@@ -298,7 +306,8 @@ def apply_cached(
         q, k, positions, cos_sin_cache = _without_negative_bit(
             (("q", q), ("k", k), ("positions", positions), ("cos_sin_cache", cos_sin_cache)), 2, inplace)
     key = None
-    if (inplace is True or inplace is False) and not compiling and _no_transform():
+    if ((inplace is True or inplace is False) and not compiling
+            and _transform() is None and not _modes() and _jit_trace() is None):
         try:
             key = ("apply_cached", q.__class__, q.shape, q.stride(), q.dtype, q.device, q.requires_grad,
                    positions.__class__, positions.shape, positions.stride(), positions.dtype, positions.device,
@@ -329,10 +338,10 @@ def apply_cached(
             return out.view(originals[0].shape), None
         q_out, k_out = apply_qk(*args.tensors, cos, sin, layout=args.layout, rotary_dim=args.rotary_dim, backend=backend)
         return q_out.view(originals[0].shape), k_out.view(originals[1].shape)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _traced():
         axis_map = list(args.mrope.axis_map) if args.mrope is not None else None
         k_view = args.tensors[1] if k is not None else None
-        fixed = (args.positions, args.cache, axis_map, args.layout.value, args.rotary_dim, backend or "")
+        fixed = (args.positions, args.cache, axis_map, args.layout.value, args.rotary_dim, _op_backend(args, backend))
         if inplace:
             torch.ops.rope_backends.rope_cached_(args.tensors[0], k_view, *fixed)
             outs = args.tensors

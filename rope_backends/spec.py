@@ -247,7 +247,8 @@ def _need_broadcast(name: str, small: Sequence[int], target: Sequence[int], targ
 
 
 def _need_distinct(q: Tensor, k: Tensor) -> None:
-    if not torch.compiler.is_compiling() and q.numel() and q.data_ptr() == k.data_ptr():
+    # fake tensors (FakeTensorMode, make_fx's fake mode) have no memory: address 0 for all of them
+    if not torch.compiler.is_compiling() and q.numel() and 0 != q.data_ptr() == k.data_ptr():
         raise ValueError("k: expected a tensor distinct from q, got one starting at q's address")
 
 
@@ -360,6 +361,18 @@ def _check_tables(
     return RopeArgs(tuple(checked), inplace, layout, rotary_dim, cos=cos, sin=sin)
 
 
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
+_tracing_state = getattr(torch._C, "_get_tracing_state", None)
+
+
+def traced() -> bool:
+    """A TorchDispatchMode (make_fx, FakeTensorMode, FlopCounterMode, ...) or a jit trace is
+    active: the call must reach it as one op (the custom op; a kernel launch is invisible to it),
+    and tensor values may not be readable (no data-dependent checks)."""
+    return bool((_dispatch_modes is not None and _dispatch_modes())
+                or (_tracing_state is not None and _tracing_state() is not None))
+
+
 def position_range_checked(positions: Tensor) -> bool:
     """Whether calls check position values: always on CPU; on devices only with
     ``ROPE_BACKENDS_DEBUG=1``, since reading values back costs a sync."""
@@ -461,8 +474,9 @@ def args_for_cached(
         want = f"{lead}" + (f" or {(3, *lead)}" if mrope is not None else "")
         hint = "" if mrope is not None or positions.shape[:1] != (3,) else " (3-row positions need mrope=)"
         raise ValueError(f"positions: expected shape {want}, got {tuple(positions.shape)}{hint}")
-    # a data-dependent check cannot be traced: under torch.compile only the kernels' NaN guard holds
-    if position_range_checked(positions) and not torch.compiler.is_compiling():
+    # a data-dependent check cannot be traced: under torch.compile, make_fx or fake tensors only the
+    # kernels' NaN guard holds
+    if position_range_checked(positions) and not torch.compiler.is_compiling() and not traced():
         check_position_range(positions, cache)
     if inplace:
         for (name, _), t in zip(named, views):

@@ -153,16 +153,19 @@ def test_custom_ops_are_entered(npu):
     json.dumps(trace.summary())
 
 
-def test_eager_autograd_is_traced_without_custom_ops(npu):
-    """An eager call that needs a gradient runs the backend under a plain autograd.Function:
-    no custom op, and the backend's own ops (forward and backward) are what the trace sees."""
+def test_public_calls_under_a_dispatch_mode_enter_the_custom_ops(npu):
+    """A recording TorchDispatchMode (this trace, make_fx, FakeTensorMode) sees each public call as
+    its custom op -- forward and backward -- and the backend's ops inside it, not a bare launch."""
     x = _randn((3, 2, 8)).requires_grad_(True)
     cos, sin = _randn((3, 1, 4)), _randn((3, 1, 4), seed=1)
     _, trace = record(lambda: rb.apply(x, cos, sin, backend="npu").sum().backward())
     counts = trace.counts()
-    assert not any(name.startswith("rope_backends::") for name in counts)
+    assert counts["rope_backends::rope.default"] == 2
     assert counts["aten::cat.default"] == 2
     assert len(npu) == 2
+    with torch.no_grad():
+        _, trace = record(lambda: rb.apply(x, cos, sin, backend="npu"))
+    assert trace.counts()["rope_backends::rope.default"] == 1
 
 
 # --------------------------------------------------------------------------------------------

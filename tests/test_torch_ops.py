@@ -263,3 +263,35 @@ def test_eager_grad_under_activation_checkpointing():
         xg = x.clone().requires_grad_()
         checkpoint(block, xg, use_reentrant=reentrant).backward(g)
         assert_bitwise_equal(xg.grad, plain, name=f"checkpoint(use_reentrant={reentrant})")
+
+
+def test_make_fx_and_fake_tensors_see_one_custom_op_per_call():
+    """Under make_fx (a proxy dispatch mode) every public call is recorded as its custom op (a
+    kernel launched by a prepared runner would be invisible to the trace), and the traced graph
+    computes the same bits; FakeTensorMode gets outputs of the right shapes from the fake impls."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, k, c, s = _inputs()
+    cache = rb.cos_sin_cache(32, 16)
+    pos = torch.tensor([3, 0, 31, 7, 7])
+
+    def f(x, k, c, s, pos, cache):
+        a = rb.apply(x, c, s)
+        q2, k2 = rb.apply_qk(x, k, c, s, layout="interleaved")
+        q3, k3 = rb.apply_cached(x.clone(), k.clone(), pos, cache, inplace=False)
+        return a, q2, k2, q3, k3
+
+    for _ in range(2):  # the second time the signatures have prepared runners
+        want = f(x, k, c, s, pos, cache)
+    gm = make_fx(f)(x, k, c, s, pos, cache)
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert sum(t.startswith("rope_backends.rope.") for t in targets) == 1, targets
+    assert sum(t.startswith("rope_backends.rope_qk.") for t in targets) == 1, targets
+    assert sum(t.startswith("rope_backends.rope_cached.") for t in targets) == 1, targets
+    for got, w in zip(gm(x, k, c, s, pos, cache), want):
+        assert_bitwise_equal(got, w, name="make_fx graph")
+    with FakeTensorMode() as mode:
+        fakes = [mode.from_tensor(t) for t in (x, k, c, s, pos, cache)]
+        outs = f(*fakes)
+    assert [tuple(o.shape) for o in outs] == [tuple(w.shape) for w in want]
