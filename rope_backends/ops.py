@@ -95,6 +95,8 @@ class _EagerRotation(torch.autograd.Function):
         if not any(ctx.needs_input_grad[3:]):
             return (None,) * (3 + len(grads))
         cos, sin = ctx.saved_tensors
+        # a user's grad_outputs reach here as given: a lazily negated view must be read as values
+        grads = tuple(g.resolve_neg() for g in grads)
         back = ctx.rotation.reverse()
         if torch.is_grad_enabled():  # create_graph=True: record the backward too
             grads_in = _EagerRotation.apply(back, cos, sin, *grads)
@@ -152,6 +154,7 @@ def _rope_setup(ctx, inputs, output):
 
 def _rope_backward(ctx, grad):
     cos, sin = ctx.saved_tensors
+    grad = grad.resolve_neg()  # a negated-view grad_outputs: the kernel must read its values
     return torch.ops.rope_backends.rope(grad, cos, sin, *ctx.meta), None, None, None, None, None, None
 
 
@@ -194,6 +197,7 @@ def _rope_qk_backward(ctx, grad_q, grad_k):
     # an output that did not reach the loss brings no gradient: stand in zeros of its shape
     grad_q = torch.zeros_like(ctx.like[0]) if grad_q is None else grad_q
     grad_k = torch.zeros_like(ctx.like[1]) if grad_k is None else grad_k
+    grad_q, grad_k = grad_q.resolve_neg(), grad_k.resolve_neg()  # negated-view grad_outputs
     gq, gk = torch.ops.rope_backends.rope_qk(grad_q, grad_k, cos, sin, *ctx.meta)
     return gq, gk, None, None, None, None, None, None
 

@@ -135,3 +135,33 @@ def test_negative_bit_views_are_read_as_their_values(target):
             assert_bitwise_equal(out, w, name="apply_cached, positions/cache negated views")
         got = rb.apply_cached(neg_view(x), None, pos, cache, inplace=False, backend=b)
         assert_bitwise_equal(got[0], want, name="apply_cached, q negated view")
+
+
+def test_negated_view_upstream_gradient_is_read_as_values(target):
+    """grad_outputs reach a backward as the caller gave them: a lazily negated view there must
+    give the gradient of its values on every backend (eager path and the custom op's backward)."""
+    from rope_backends.testing import assert_bitwise_equal
+
+    dev, b = target.device, target.backend
+    g0 = torch.Generator().manual_seed(12)
+    x = torch.randn(4, 2, 16, generator=g0).to(dev)
+    k = torch.randn(4, 1, 16, generator=g0).to(dev)
+    g = torch.randn(4, 2, 16, generator=g0).to(dev)
+    gk = torch.randn(4, 1, 16, generator=g0).to(dev)
+    cos, sin = rb.cos_sin(torch.arange(4, device=dev), 16)
+    cos, sin = cos[:, None], sin[:, None]
+    xe = x.clone().requires_grad_()
+    (want,) = torch.autograd.grad(rb.apply(xe, cos, sin, backend="eager"), xe, g)
+    for call in (lambda t: rb.apply(t, cos, sin, backend=b),
+                 lambda t: torch.ops.rope_backends.rope(t, cos, sin, "neox", 16, False, b)):
+        for _ in range(2):
+            xg = x.clone().requires_grad_()
+            (got,) = torch.autograd.grad(call(xg), xg, torch._neg_view(-g))
+            assert_bitwise_equal(got, want, name="grad through a negated-view grad_outputs")
+    qg, kg = x.clone().requires_grad_(), k.clone().requires_grad_()
+    qe, ke = x.clone().requires_grad_(), k.clone().requires_grad_()
+    want_qk = torch.autograd.grad(rb.apply_qk(qe, ke, cos, sin, backend="eager"), (qe, ke), (g, gk))
+    got_qk = torch.autograd.grad(rb.apply_qk(qg, kg, cos, sin, backend=b), (qg, kg),
+                                 (torch._neg_view(-g), torch._neg_view(-gk)))
+    for got, w in zip(got_qk, want_qk):
+        assert_bitwise_equal(got, w, name="apply_qk grad through negated-view grad_outputs")
