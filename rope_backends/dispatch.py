@@ -198,7 +198,8 @@ def apply(
                    layout, rotary_dim.__class__, rotary_dim, inplace, backend,
                    _grad_enabled(), _override_context.get(), _env_raw())
             run = _runner(key)
-        except (AttributeError, TypeError):  # not tensors, unhashable options: the full checks say why
+        # not tensors, unhashable options, sparse/nested tensors (no strides): the full checks say why
+        except (AttributeError, TypeError, RuntimeError):
             key = run = None
         if run is not None:
             out = run((x,), cos, sin)[0]
@@ -248,7 +249,7 @@ def apply_qk(
                    layout, rotary_dim.__class__, rotary_dim, inplace, backend,
                    _grad_enabled(), _override_context.get(), _env_raw())
             run = _runner(key)
-        except (AttributeError, TypeError):
+        except (AttributeError, TypeError, RuntimeError):
             key = run = None
         if run is not None and (not q.numel() or q.data_ptr() != k.data_ptr()):  # addresses: not in a signature
             q_out, k_out = run((q, k), cos, sin)
@@ -318,7 +319,7 @@ def apply_cached(
             if k is not None:
                 key += (k.__class__, k.shape, k.stride(), k.dtype, k.device, k.requires_grad)
             run = _runner(key)
-        except (AttributeError, TypeError):
+        except (AttributeError, TypeError, RuntimeError):
             key = run = None
         if run is not None and (k is None or not q.numel() or q.data_ptr() != k.data_ptr()):
             outs = run((q,) if k is None else (q, k), positions, cos_sin_cache)

@@ -166,6 +166,9 @@ class RopeArgs:
 def _need_tensor(name: str, value: object) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if value.layout is not torch.strided or value.is_nested:
+        what = "a nested tensor" if value.is_nested else f"layout {value.layout}"
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got {what}; pass {name}.to_dense() or a padded tensor")
     return value
 
 
@@ -271,13 +274,16 @@ def _signature(tensors: tuple[tuple[str, object], ...], cos: object, sin: object
         return None  # subclasses (Parameter, FakeTensor) and odd arguments take the full checks
     if (rotary_dim is not None and type(rotary_dim) is not int) or type(inplace) is not bool:
         return None  # 1 == True as a key: only exact ints and bools may share a signature
-    key = (layout, rotary_dim, inplace, torch.is_grad_enabled(),
-           cos.shape, cos.stride(), cos.dtype, cos.device, cos.requires_grad,
-           sin.shape, sin.stride(), sin.dtype, sin.device, sin.requires_grad)
-    for _, t in tensors:
-        if type(t) is not Tensor:
-            return None
-        key += (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
+    try:
+        key = (layout, rotary_dim, inplace, torch.is_grad_enabled(),
+               cos.shape, cos.stride(), cos.dtype, cos.device, cos.requires_grad,
+               sin.shape, sin.stride(), sin.dtype, sin.device, sin.requires_grad)
+        for _, t in tensors:
+            if type(t) is not Tensor:
+                return None
+            key += (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
+    except RuntimeError:  # sparse or nested tensors have no strides: the full checks say why
+        return None
     return key
 
 

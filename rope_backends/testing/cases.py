@@ -709,6 +709,13 @@ def error_cases() -> list[ErrorCase]:
     apply_case("inplace_requires_grad", ValueError, "x", x=lambda dev: _t(4, 2, 16, device=dev).requires_grad_(),
                inplace=True)
     cached_case("inplace_expanded_k", ValueError, "k", k=lambda dev: _t(6, 1, 16, device=dev).expand(6, 2, 16))
+    # sparse and nested tensors: no strides for a kernel to follow
+    apply_case("x_sparse", TypeError, "x", x=lambda dev: _t(4, 2, 16, device=dev).to_sparse())
+    apply_case("cos_sparse", TypeError, "cos", cos=lambda dev: _t(4, 1, 8, device=dev).to_sparse(),
+               sin=lambda dev: _t(4, 1, 8, device=dev))
+    cached_case("positions_sparse", TypeError, "positions", positions=lambda dev: _pos(6, dev).to_sparse())
+    qk_case("k_nested", TypeError, "k", k=lambda dev, q: torch.nested.nested_tensor(
+        [_t(2, 16, device=dev), _t(1, 16, device=dev)]), inplace=False)
     # torch's lazily negated views (.conj().imag): a kernel's write would land un-negated
     apply_case("inplace_negative_view", ValueError, "x", x=lambda dev: torch._neg_view(_t(4, 2, 16, device=dev)),
                inplace=True)
