@@ -2,8 +2,9 @@
 # Everything the suite can check on one CUDA/ROCm machine, in parallel processes, in one call:
 #   - the sample tier (`check --device cuda`: every backend serving cuda, each case twice: the
 #     full path, then the dispatcher's prepared runner), with --expect triton;
-#   - the exhaustive tier (`check --full`), split over $SHARDS processes (--shard k/N): it
-#     compiles many kernel variants, which is CPU-bound work each process does on its own;
+#   - the exhaustive tier (`check --full --backend triton`), split over $SHARDS processes
+#     (--shard k/N, whole kernel groups per shard): compiling its ~2,200 kernel variants is the
+#     CPU-bound part, each process does its own; NAMES=FILE limits it to the cases FILE names;
 #   - the long hypothesis profile ($ROPE_FUZZ_EXAMPLES, default 400 per op, tensors up to 2**20 elements), one
 #     process per op.
 # Usage: bash bench/gpu_conformance.sh OUT_DIR [SHARDS] [TIME_LIMIT_S]  (the limit is per stage:
@@ -16,6 +17,8 @@ shards="${2:-12}"
 py="${PYTHON:-python3}"
 limit="${3:-420}"
 examples="${ROPE_FUZZ_EXAMPLES:-400}"  # per op: most compile a new specialisation (~1 s each)
+names=()  # NAMES=FILE: the exhaustive tier's shards run only the cases FILE names (check --names)
+if [[ -n "${NAMES:-}" ]]; then names=(--names "$NAMES"); fi
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/device.txt" 2>/dev/null || true
 "$py" -m rope_backends info > "$out/info.txt" 2>&1
@@ -26,8 +29,8 @@ status=0
 timeout "$limit" "$py" -m rope_backends check --device cuda --expect triton > "$out/sample.txt" 2>&1 || status=1
 pids=()
 for ((k = 0; k < shards; k++)); do
-  timeout "$limit" "$py" -m rope_backends check --device cuda --full --shard "$k/$shards" \
-    --max-failures 100 > "$out/full_$k.txt" 2>&1 & pids+=($!)
+  timeout "$limit" "$py" -m rope_backends check --device cuda --backend triton --full --shard "$k/$shards" \
+    ${names[@]+"${names[@]}"} --max-failures 100 > "$out/full_$k.txt" 2>&1 & pids+=($!)
 done
 for op in apply apply_qk apply_cached; do
   # SIGINT at the limit: pytest still prints its summary

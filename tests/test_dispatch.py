@@ -495,6 +495,26 @@ def test_cli_check_shards_cover_the_tier_once(capsys, small_tier):
             main(["check", "--shard", bad])
 
 
+def test_shards_keep_each_kernel_group_in_one_process():
+    """check --shard gives whole kernel groups to one shard (each compiled variant is built once),
+    covers the tier exactly once, and balances the shards within one group's size."""
+    from rope_backends.__main__ import _shard_cases
+    from rope_backends.testing import cases as case_data
+
+    tier = case_data.sample_cases()
+    for n in (1, 3, 12):
+        shards = [_shard_cases(tier, k, n) for k in range(n)]
+        assert sorted(c.name for s in shards for c in s) == sorted(c.name for c in tier)
+        owner = {}
+        for k, shard in enumerate(shards):
+            assert shard == sorted(shard, key=tier.index), "tier order within a shard"
+            for case in shard:
+                assert owner.setdefault(case.kernel_group, k) == k, f"{case.kernel_group} split over shards"
+        sizes = [len(s) for s in shards]
+        biggest = max(sum(1 for c in tier if c.kernel_group == g) for g in owner)
+        assert max(sizes) - min(sizes) <= biggest
+
+
 def test_cli_check_names_runs_exactly_the_named_cases(capsys, small_tier, tmp_path):
     """--names FILE (what a time-boxed GPU run did not reach) runs those cases and error cases
     only; a file naming nothing of the tier fails instead of passing as "0 failed"."""

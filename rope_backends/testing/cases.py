@@ -111,6 +111,14 @@ class RopeCase:
         self._validate()
         object.__setattr__(self, "name", self._name())
 
+    @property
+    def kernel_group(self) -> tuple:
+        """What picks a compiled kernel variant in a backend that compiles one per dtype and
+        option (Triton): op, dtypes, layout, direction. ``check --shard`` keeps a group in one
+        process, so each variant compiles once -- on a GPU the exhaustive tier is bound by
+        compiling ~2,200 variants, not by running them."""
+        return (self.op, self.dtype, self.cos_dtype, self.positions_dtype, self.layout, self.backward)
+
     # ---- derived geometry -------------------------------------------------------------------
 
     @property
