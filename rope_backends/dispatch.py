@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import ops, override, reference, registry
 from .spec import (Layout, MRope, RopeArgs, args_for_cached, args_for_tables, check_position_range,
-                   position_range_checked, traced)
+                   dispatch_modes, jit_trace_state, position_range_checked, traced)
 
 __all__ = ["apply", "apply_qk", "apply_cached"]
 
@@ -37,7 +37,6 @@ _override_context = override._context
 _env_raw = override.raw_env(override.ENV)  # ROPE_BACKEND, as stored: part of every runner key
 _DEBUG_ENV = "ROPE_BACKENDS_DEBUG"
 _debug_raw = override.raw_env(_DEBUG_ENV)
-_peek_transform = ops._peek_interpreter_stack  # inside torch.func (grad, vmap): no runners, tensors are wrapped
 
 
 _traced = traced  # a mode or trace watching: it must see the call as one op (the custom op)
@@ -45,9 +44,9 @@ _traced = traced  # a mode or trace watching: it must see the call as one op (th
 
 # What a repeated call checks before taking a prepared runner (inline, it runs on every call): no
 # torch.func transform (wrapped tensors), no dispatch mode and no jit trace watching (_traced)
-_transform = _peek_transform or (lambda: None)
-_modes = getattr(torch._C, "_len_torch_dispatch_stack", None) or (lambda: 0)
-_jit_trace = getattr(torch._C, "_get_tracing_state", None) or (lambda: None)
+_transform = ops._peek_interpreter_stack or (lambda: None)
+_modes = dispatch_modes
+_jit_trace = jit_trace_state
 
 
 def _cacheable(tensors: tuple, layout: object, rotary_dim: object, backend: object,
@@ -209,7 +208,7 @@ def apply(
     named = (("x", x),)
     args = args_for_tables(named, cos, sin, layout, rotary_dim, inplace)
     if _through_ops(args):
-        run = None if _is_compiling() or _traced() else _eager_autograd(key, args, backend)
+        run = None if compiling or _traced() else _eager_autograd(key, args, backend)
         if run is not None:
             return run((x,), cos, sin)[0]
         name = _op_backend(args, backend)
@@ -259,7 +258,7 @@ def apply_qk(
     named = (("q", q), ("k", k))
     args = args_for_tables(named, cos, sin, layout, rotary_dim, inplace)
     if _through_ops(args):
-        run = None if _is_compiling() or _traced() else _eager_autograd(key, args, backend)
+        run = None if compiling or _traced() else _eager_autograd(key, args, backend)
         if run is not None:
             q_out, k_out = run((q, k), cos, sin)
             return q_out, k_out
@@ -303,7 +302,7 @@ def apply_cached(
     NaN in that token's rotated part and reads nothing out of bounds.
     """
     compiling = _is_compiling()  # dynamo folds it; is_neg() cannot be traced
-    if not compiling and (_negated(q, positions, cos_sin_cache) or (k is not None and _negated(k))):
+    if not compiling and _negated(q, k, positions, cos_sin_cache):
         q, k, positions, cos_sin_cache = _without_negative_bit(
             (("q", q), ("k", k), ("positions", positions), ("cos_sin_cache", cos_sin_cache)), 2, inplace)
     key = None

@@ -111,13 +111,10 @@ def eager_autograd_runner(backend: registry.Backend, args: RopeArgs):
     recording :class:`_EagerRotation` on the autograd graph (torch.func.grad included: the custom
     ops' generated autograd.Function does not support functorch transforms)."""
     rotation = Rotation(backend, args.layout, args.rotary_dim, args.conjugate)
-    half = args.rotary_dim // 2
-    neox = args.layout is Layout.NEOX
+    half_tables = args.half_tables
 
     def run(tensors, cos, sin):
-        if cos.shape[-1] != half:  # the duplicated form: the views validation took
-            cos, sin = (cos[..., :half], sin[..., :half]) if neox else (cos[..., ::2], sin[..., ::2])
-        return _EagerRotation.apply(rotation, cos, sin, *tensors)
+        return _EagerRotation.apply(rotation, *half_tables(cos, sin), *tensors)
     return run
 
 

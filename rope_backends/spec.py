@@ -148,10 +148,18 @@ class RopeArgs:
         if self.cache is not None:
             return RopeArgs(tensors, self.inplace, self.layout, self.rotary_dim, self.conjugate,
                             positions=a, cache=b, mrope=self.mrope)
-        half = self.rotary_dim // 2
-        if a.shape[-1] != half:  # the duplicated form: the same views validation took
-            a, b = (a[..., :half], b[..., :half]) if self.layout is Layout.NEOX else (a[..., ::2], b[..., ::2])
+        a, b = self.half_tables(a, b)
         return RopeArgs(tensors, self.inplace, self.layout, self.rotary_dim, self.conjugate, cos=a, sin=b)
+
+    def half_tables(self, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """A later call's cos/sin (validated with these args' signature) in half form: the
+        duplicated form ``[..., rotary_dim]`` as the same views validation took."""
+        half = self.rotary_dim // 2
+        if cos.shape[-1] == half:
+            return cos, sin
+        if self.layout is Layout.NEOX:
+            return cos[..., :half], sin[..., :half]
+        return cos[..., ::2], sin[..., ::2]
 
     @property
     def feature_key(self) -> tuple:
@@ -367,16 +375,16 @@ def _check_tables(
     return RopeArgs(tuple(checked), inplace, layout, rotary_dim, cos=cos, sin=sin)
 
 
-_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
-_tracing_state = getattr(torch._C, "_get_tracing_state", None)
+# C queries (stand-ins where a torch lacks them): active TorchDispatchModes, the jit trace state
+dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None) or (lambda: 0)
+jit_trace_state = getattr(torch._C, "_get_tracing_state", None) or (lambda: None)
 
 
 def traced() -> bool:
     """A TorchDispatchMode (make_fx, FakeTensorMode, FlopCounterMode, ...) or a jit trace is
     active: the call must reach it as one op (the custom op; a kernel launch is invisible to it),
     and tensor values may not be readable (no data-dependent checks)."""
-    return bool((_dispatch_modes is not None and _dispatch_modes())
-                or (_tracing_state is not None and _tracing_state() is not None))
+    return bool(dispatch_modes()) or jit_trace_state() is not None
 
 
 def position_range_checked(positions: Tensor) -> bool:
