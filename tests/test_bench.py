@@ -57,7 +57,10 @@ def test_rows_schema_and_values(doc):
         assert r["us"] > 0 and math.isfinite(r["us"])
         assert r["gbps"] == pytest.approx(r["bytes"] / r["us"] / 1e3)
         assert r["pct_copy"] == pytest.approx(100 * r["gbps"] / doc["copy_bandwidth"]["gbps"])
-        assert isinstance(r["bit_exact"], bool), r
+        if r["implementation"] == bm.SAME_BYTES_COPY:
+            assert r["bit_exact"] is None and r["kind"] == "baseline", r  # computes no rope
+        else:
+            assert isinstance(r["bit_exact"], bool), r
         assert r["timing"] == "torch_timer"
         assert r["kind"] in ("backend", "peer", "baseline")
 
@@ -90,6 +93,21 @@ def test_groups_cover_their_cases(doc):
     assert len(mrope) == 4 and "plain" in mrope
     assert {r["op"] for r in rows if r["group"] == "backward"} == {"forward", "backward"}
     assert {r["layout"] for r in rows if r["group"] == "diffusion"} == {"interleaved"}
+
+
+def test_same_bytes_copy_baseline(doc):
+    """Every diffusion and LLM case has a copy of as many bytes, and the summary sets each rope
+    call against it (informational: no limit, never judged)."""
+    rows = doc["rows"]
+    rope = [r for r in rows if r["group"] in ("diffusion", "llm") and r["implementation"] == "eager"]
+    copies = {(r["scenario"], r["op"], r["shape"]): r for r in rows if r["implementation"] == bm.SAME_BYTES_COPY}
+    assert rope and {(r["scenario"], r["op"], r["shape"]) for r in rope} == set(copies)
+    assert all(c["bytes"] == r["bytes"] for r in rope for c in [copies[(r["scenario"], r["op"], r["shape"])]])
+    assert not any(r["implementation"] == bm.SAME_BYTES_COPY for r in rows if r["group"] not in ("diffusion", "llm"))
+    ratios = [s for s in doc["summary"] if "same-bytes copy" in s["target"]]
+    assert len(ratios) == len([r for r in rope if r["group"] == "diffusion" or r["tokens"] >= 4096])
+    for s in ratios:
+        assert s["limit"] is None and s["met"] is None and s["value"] > 0
 
 
 def test_dispatch_overhead_fields(doc):
@@ -136,7 +154,8 @@ def test_in_place_peers_are_checked_on_fresh_inputs():
     assert [i.mutates for i in impls if i.name in ("eager", "eager-strided", "eager-stack+flatten")] == [True] * 3
     rows, skipped = [], []
     bm._run_case(case, impls, bm.Clock(torch.device("cpu"), quick=True), 1.0, bm.Progress(False, 1), rows, skipped)
-    assert len(rows) == 3 and all(r["bit_exact"] for r in rows)
+    rope = [r for r in rows if r["implementation"] != bm.SAME_BYTES_COPY]
+    assert len(rope) == 3 and all(r["bit_exact"] for r in rope)
 
 
 def test_gpu_code_paths_with_faked_timers(monkeypatch):
@@ -184,11 +203,11 @@ def test_gpu_code_paths_with_faked_timers(monkeypatch):
     bm._run_case(case, impls, clock, 3000.0, bm.Progress(False, 1), rows, skipped)
     rows += bm._launch_rows(torch.device("cpu"), clock, 3000.0, skipped)
     graph = {r["implementation"] for r in rows if r["timing"] == "cuda_graph"}
-    assert graph == {"eager", "eager-strided", "eager-stack+flatten", "empty-triton-launch"}
+    assert graph == {"eager", "eager-strided", "eager-stack+flatten", bm.SAME_BYTES_COPY, "empty-triton-launch"}
     assert {r["implementation"] for r in rows if r["timing"] == "do_bench"} == graph | {"syncing"}
     assert any(s["implementation"] == "syncing" and "not capturable" in s["reason"] for s in skipped)
     assert mode["now"] == 0  # the sync debug mode is restored
-    assert calls["graph"] == 4
+    assert calls["graph"] == 5
     doc = {"rows": rows, "default_backend": "eager", "device": {"type": "cuda"}}
     ratio = [s for s in bm.summarize(doc) if "graph replay / empty launch" in s["target"]]
     assert len(ratio) == 1 and ratio[0]["value"] == pytest.approx(1.0) and ratio[0]["met"] is True
