@@ -26,23 +26,26 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/device.
 status=0
 # the sample tier first and alone: it holds the two >2**31-element cases of every backend, ~20 GiB
 # each, which side by side with the shards' own large cases ran the 80 GB GPU out of memory
-timeout "$limit" "$py" -m rope_backends check --device cuda --expect triton > "$out/sample.txt" 2>&1 || status=1
-pids=()
+timeout "$limit" "$py" -m rope_backends check --device cuda --expect triton > "$out/sample.txt" 2>&1
+rc=$?; echo "sample $rc" > "$out/exit_codes.txt"; [[ $rc == 0 ]] || status=1
+pids=(); names_of=()
 for ((k = 0; k < shards; k++)); do
   timeout "$limit" "$py" -m rope_backends check --device cuda --backend triton --full --shard "$k/$shards" \
-    ${names[@]+"${names[@]}"} --max-failures 100 > "$out/full_$k.txt" 2>&1 & pids+=($!)
+    ${names[@]+"${names[@]}"} --max-failures 100 > "$out/full_$k.txt" 2>&1 & pids+=($!); names_of+=("full_$k")
 done
 for op in apply apply_qk apply_cached; do
   # SIGINT at the limit: pytest still prints its summary
   HYPOTHESIS_PROFILE=long ROPE_FUZZ_EXAMPLES="$examples" timeout -s INT "$limit" "$py" -m pytest -q \
     -p no:cacheprovider --device cuda --hypothesis-show-statistics "tests/test_fuzz.py::test_fuzz_${op}" \
-    -rf --tb=short > "$out/fuzz_$op.txt" 2>&1 & pids+=($!)
+    -rf --tb=short > "$out/fuzz_$op.txt" 2>&1 & pids+=($!); names_of+=("fuzz_$op")
 done
-for pid in "${pids[@]}"; do
-  wait "$pid" || status=1
+for i in "${!pids[@]}"; do
+  # 124 (or 130 for the fuzz's SIGINT): the time limit ended it
+  wait "${pids[$i]}"; rc=$?; echo "${names_of[$i]} $rc" >> "$out/exit_codes.txt"; [[ $rc == 0 ]] || status=1
 done
 
 echo "== device: $(cat "$out/device.txt" 2>/dev/null)"
+echo "== non-zero exits: $(awk '$2 != 0' "$out/exit_codes.txt" | tr '\n' ' ')"
 echo "== sample tier"; tail -n 12 "$out/sample.txt"
 echo "== full tier ($shards shards)"
 for ((k = 0; k < shards; k++)); do
