@@ -8,12 +8,6 @@ the Triton interpreter, then compares shardings: every N-th case, contiguous sli
 grouping `check --shard` uses (whole `RopeCase.kernel_group`s). Approximate: launch planning on
 CPU sees no SM count, so block sizes may differ from a GPU's.
 
-A variant count is not a time: on the H100 (session 4, bench/results/conformance-h100-2026-11-23-s4)
-an apply_qk / apply_cached case cost ~3x an apply case (two rotation bodies, the cache gather), so
-`check --shard` now balances measured seconds per case, and its busiest shard holds more variants
-(276 of 12 shards) than the case-count grouping this file was written for (198) while it is
-predicted to finish sooner (~280 s against the 443 s measured).
-
     python bench/shard_variants.py [--shards 12] [--out bench/results]
 """
 
