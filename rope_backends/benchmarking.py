@@ -1081,17 +1081,24 @@ def _direct_triton(d: dict, op: str):
         raise Skip(f"triton direct launch unavailable: {type(exc).__name__}: {exc}") from None
     if plan is None or getattr(plan, "contiguous_cos", False) or getattr(plan, "dummy_cache", False):
         raise Skip("this call is not a single plain launch")
-    tensors = args.tensors
-    outs = tensors if args.inplace else tuple(torch.empty_like(t) for t in tensors)
-    q, qo = tensors[0], outs[0]
-    k, ko = (tensors[1], outs[1]) if len(tensors) == 2 else (None, None)
     if args.cache is None:
         extra = (args.cos, args.sin, None, None, None)
     else:
         extra = (None, None, args.positions, args.cache, None)
+
+    def pointers(tensors, outs):
+        k, ko = (tensors[1], outs[1]) if len(tensors) == 2 else (None, None)
+        return (tensors[0], outs[0], k, ko, *extra)
+    tensors = args.tensors
+    ptrs = pointers(tensors, tensors if args.inplace else tuple(torch.empty_like(t) for t in tensors))
+    q = ptrs[0]
     ints, grid, meta = plan.ints, plan.grid, plan.meta
-    ptrs = (q, qo, k, ko, *extra)
-    compiled = kernel.run(*ptrs, *ints, grid=grid, warmup=False, **meta)  # compiles once
+    # JITFunction.run compiles and also launches: in place, on scratch copies, or the floor would
+    # have rotated its inputs once before its output is checked (it read "not bit-exact")
+    scratch = tuple(t.clone() for t in tensors) if args.inplace else None
+    first = pointers(scratch, scratch) if scratch else ptrs
+    compiled = kernel.run(*first, *ints, grid=grid, warmup=False, **meta)
+    del first, scratch
     try:
         launcher = compiled[grid]
     except Exception as exc:

@@ -306,3 +306,40 @@ def test_command_line_rejects_unknown_group():
     proc = subprocess.run([sys.executable, "bench/run.py", "--groups", "nope"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "--groups" in proc.stderr
+
+
+@pytest.mark.parametrize("op", ["apply", "apply_cached"])
+def test_direct_launch_floor_runs_once_per_call(monkeypatch, op):
+    """The dispatch group's floor (the compiled launcher called directly) must leave its inputs
+    alone while it is built: JITFunction.run compiles *and* launches, and an in-place floor built
+    on the real inputs read "not bit-exact" on the H100 (rotated twice). A stand-in kernel adds
+    1 to its outputs; after building, the inputs are untouched, and one call adds exactly 1."""
+    from rope_backends.backends.triton import launch
+
+    def bump(ptrs):  # out = in + 1 for (q, qo) and (k, ko)
+        for i, o in ((ptrs[0], ptrs[1]), (ptrs[2], ptrs[3])):
+            if o is not None:
+                o.copy_(i + 1)
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *ptrs, stream=None: bump(ptrs)
+
+    class Kernel:
+        def run(self, *ptrs, grid=None, warmup=False, **meta):
+            bump(ptrs)
+            return Compiled()
+
+    monkeypatch.setattr(launch, "_kernel", lambda: Kernel())
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 0, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
+    case = next(c for c in bm._dispatch_cases(torch.device("cpu")) if c.op == op)
+    d = case.make(0)
+    before = {k: v.clone() for k, v in d.items() if isinstance(v, torch.Tensor)}
+    run = bm._direct_triton(d, op)
+    for key, value in before.items():
+        assert torch.equal(d[key], value), f"{key} changed while the floor was built"
+    outs = run()
+    names = ("x",) if op == "apply" else ("q", "k")
+    for name, out in zip(names, outs):
+        assert torch.equal(out, before[name] + 1), name
