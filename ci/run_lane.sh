@@ -17,7 +17,14 @@ if [[ -n "${LANE_BACKEND}" ]]; then
   pytest_args+=(--backend "$LANE_BACKEND")
 fi
 read -r -a test_paths <<< "$LANE_TESTS"
-python -m pytest "${pytest_args[@]}" "${test_paths[@]}"
+read -r -a own_process <<< "${LANE_OWN_PROCESS:-}"
+ignores=()
+for path in ${own_process[@]+"${own_process[@]}"}; do ignores+=("--ignore=$path"); done
+python -m pytest "${pytest_args[@]}" ${ignores[@]+"${ignores[@]}"} "${test_paths[@]}"
+# modules that need a fresh process (the Triton interpreter's, on a GPU lane), one pytest each
+for path in ${own_process[@]+"${own_process[@]}"}; do
+  python -m pytest "${pytest_args[@]}" "$path"
+done
 check_args=(check --device "$LANE_DEVICE" --expect "$LANE_EXPECT")
 if [[ -n "${LANE_BACKEND}" ]]; then
   check_args+=(--backend "$LANE_BACKEND")

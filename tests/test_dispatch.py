@@ -445,7 +445,9 @@ def test_cache_not_poisoned_by_a_concurrent_unregistration(fakes):
 
 @pytest.fixture
 def small_tier(monkeypatch):
-    """The CLI runs the real runner on a slice of the fast tier (the whole tier is test_conformance's)."""
+    """The CLI runs the real runner on a slice of the fast tier (the whole tier is test_conformance's).
+    The tests pass ``--device cpu``: on a GPU machine ``check`` would also run eager on cuda (and
+    automatic dispatch there picks triton), which these CPU-written expectations do not describe."""
     from rope_backends.testing import cases as case_data
     from rope_backends.testing import runner
 
@@ -471,11 +473,11 @@ def test_cli_info(monkeypatch, capsys):
 def test_cli_check_passes_and_expect(fakes, capsys, small_tier):
     from rope_backends.__main__ import main
 
-    assert main(["check", "--backend", "eager", "--expect", "eager"]) == 0
+    assert main(["check", "--device", "cpu", "--backend", "eager", "--expect", "eager"]) == 0
     out = capsys.readouterr().out
     assert "eager    cpu" in out and "picks eager for every kind of call" in out and "OK in" in out
     fakes.add("rb_cli_hijack", priority=10_000)  # automatic dispatch on cpu now picks this one
-    assert main(["check", "--backend", "eager", "--expect", "eager"]) == 1
+    assert main(["check", "--device", "cpu", "--backend", "eager", "--expect", "eager"]) == 1
     out = capsys.readouterr().out
     assert "apply_qk float16 interleaved on cpu: rb_cli_hijack" in out and "FAILED" in out
 
@@ -485,7 +487,7 @@ def test_cli_check_shards_cover_the_tier_once(capsys, small_tier):
 
     seen = []
     for k in range(3):
-        assert main(["check", "--backend", "eager", "--shard", f"{k}/3", "-v"]) == 0
+        assert main(["check", "--device", "cpu", "--backend", "eager", "--shard", f"{k}/3", "-v"]) == 0
         lines = capsys.readouterr().out.splitlines()
         seen += [ln.split()[-1] for ln in lines if ln.strip().startswith("ok ") and "error:" not in ln]
         assert any("error:" in ln for ln in lines) == (k == 0)  # the error catalogue runs once
@@ -525,14 +527,14 @@ def test_cli_check_names_runs_exactly_the_named_cases(capsys, small_tier, tmp_pa
     error = f"error:{case_data.error_cases()[0].name}"
     names = tmp_path / "names.txt"
     names.write_text(f"# not reached\n{wanted[0]}\n\n{wanted[1]}  # trailing comment\n{error}\nnot-a-case\n")
-    assert main(["check", "--backend", "eager", "--names", str(names), "-v"]) == 0
+    assert main(["check", "--device", "cpu", "--backend", "eager", "--names", str(names), "-v"]) == 0
     lines = capsys.readouterr().out.splitlines()
     ran = [ln.split()[-1] for ln in lines if ln.strip().startswith("ok ")]
     assert sorted(ran) == sorted(wanted + [error])
     assert any("1 of the names are not cases" in ln for ln in lines)
     bogus = tmp_path / "bogus.txt"
     bogus.write_text("not-a-case\n")
-    assert main(["check", "--backend", "eager", "--names", str(bogus)]) == 2
+    assert main(["check", "--device", "cpu", "--backend", "eager", "--names", str(bogus)]) == 2
     assert "none of the 1 names" in capsys.readouterr().out
     for bad in (str(tmp_path / "missing.txt"), str(tmp_path / "empty.txt")):
         (tmp_path / "empty.txt").write_text("# nothing\n")
