@@ -49,6 +49,14 @@ _modes = dispatch_modes
 _jit_trace = jit_trace_state
 
 
+def _may_take_runner(inplace: object, compiling: bool) -> bool:
+    """Whether a call may look up a prepared runner: a plain bool ``inplace`` (validation rejects
+    the rest), outside torch.compile, with no functorch transform, dispatch mode or jit trace
+    watching (those must see the call as one op)."""
+    return ((inplace is True or inplace is False) and not compiling
+            and _transform() is None and not _modes() and _jit_trace() is None)
+
+
 def _cacheable(tensors: tuple, layout: object, rotary_dim: object, backend: object,
                head_dim: object = None, mrope: object = None) -> bool:
     """Whether a call's key may keep a runner: exact ``torch.Tensor`` arguments (subclasses such
@@ -187,8 +195,7 @@ def apply(
     if not compiling and _negated(x, cos, sin):
         x, cos, sin = _without_negative_bit((("x", x), ("cos", cos), ("sin", sin)), 1, inplace)
     key = None
-    if ((inplace is True or inplace is False) and not compiling
-            and _transform() is None and not _modes() and _jit_trace() is None):
+    if _may_take_runner(inplace, compiling):
         # the signature, flat and inline: this is the whole host cost of a repeated call
         try:
             key = ("apply", x.__class__, x.shape, x.stride(), x.dtype, x.device, x.requires_grad,
@@ -238,8 +245,7 @@ def apply_qk(
     if not compiling and _negated(q, k, cos, sin):
         q, k, cos, sin = _without_negative_bit((("q", q), ("k", k), ("cos", cos), ("sin", sin)), 2, inplace)
     key = None
-    if ((inplace is True or inplace is False) and not compiling
-            and _transform() is None and not _modes() and _jit_trace() is None):
+    if _may_take_runner(inplace, compiling):
         try:
             key = ("apply_qk", q.__class__, q.shape, q.stride(), q.dtype, q.device, q.requires_grad,
                    k.__class__, k.shape, k.stride(), k.dtype, k.device, k.requires_grad,
@@ -306,8 +312,7 @@ def apply_cached(
         q, k, positions, cos_sin_cache = _without_negative_bit(
             (("q", q), ("k", k), ("positions", positions), ("cos_sin_cache", cos_sin_cache)), 2, inplace)
     key = None
-    if ((inplace is True or inplace is False) and not compiling
-            and _transform() is None and not _modes() and _jit_trace() is None):
+    if _may_take_runner(inplace, compiling):
         try:
             key = ("apply_cached", q.__class__, q.shape, q.stride(), q.dtype, q.device, q.requires_grad,
                    positions.__class__, positions.shape, positions.stride(), positions.dtype, positions.device,
