@@ -154,12 +154,7 @@ class RopeArgs:
     def half_tables(self, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """A later call's cos/sin (validated with these args' signature) in half form: the
         duplicated form ``[..., rotary_dim]`` as the same views validation took."""
-        half = self.rotary_dim // 2
-        if cos.shape[-1] == half:
-            return cos, sin
-        if self.layout is Layout.NEOX:
-            return cos[..., :half], sin[..., :half]
-        return cos[..., ::2], sin[..., ::2]
+        return _half_view(cos, sin, self.layout, self.rotary_dim)
 
     @property
     def feature_key(self) -> tuple:
@@ -220,6 +215,17 @@ def _rotary_dim(rotary_dim: object, head_dim: int, name: str = "rotary_dim") -> 
     return int(rotary_dim)
 
 
+def _half_view(cos: Tensor, sin: Tensor, layout: Layout, rotary_dim: int) -> tuple[Tensor, Tensor]:
+    """Checked cos/sin in half form: as given when the last dim is ``rotary_dim // 2``, else the
+    duplicated form read at index i (neox) or 2i (interleaved), by a view."""
+    half = rotary_dim // 2
+    if cos.shape[-1] == half:
+        return cos, sin
+    if layout is Layout.NEOX:
+        return cos[..., :half], sin[..., :half]
+    return cos[..., ::2], sin[..., ::2]
+
+
 def _half_form(cos: Tensor, sin: Tensor, layout: Layout, rotary_dim: int) -> tuple[Tensor, Tensor]:
     """cos/sin as one value per pair. The duplicated form (last dim ``rotary_dim``, as HF and
     diffusers build it) is read at index i (neox) or 2i (interleaved), by a view: no copy."""
@@ -234,12 +240,8 @@ def _half_form(cos: Tensor, sin: Tensor, layout: Layout, rotary_dim: int) -> tup
         raise ValueError(f"sin: expected the shape of cos {tuple(cos.shape)}, got {tuple(sin.shape)}")
     half = rotary_dim // 2
     last = cos.shape[-1]
-    if last == half:
-        return cos, sin
-    if last == rotary_dim:
-        if layout is Layout.NEOX:
-            return cos[..., :half], sin[..., :half]
-        return cos[..., ::2], sin[..., ::2]
+    if last == half or last == rotary_dim:
+        return _half_view(cos, sin, layout, rotary_dim)
     raise ValueError(
         f"cos: expected last dim rotary_dim//2={half} (one value per pair) or rotary_dim={rotary_dim} "
         f"(duplicated form), got {last} (shape {tuple(cos.shape)})"
@@ -270,9 +272,9 @@ def _need_distinct(q: Tensor, k: Tensor) -> None:
 # Signatures of calls that passed every check below. Those checks read metadata only (types,
 # shapes, strides, dtypes, devices, grad flags, options), so a signature seen before passes again
 # without re-checking: it is what keeps rb.apply's host overhead in the low microseconds. A new
-# signature takes the full checks, which raise the precise errors. Value: (layout, rotary_dim,
-# how to take the half form of cos/sin: 0 as given, 1 first half, 2 even elements).
-_TABLE_SIGNATURES: dict[tuple, tuple[Layout, int, int]] = {}
+# signature takes the full checks, which raise the precise errors. Value: (layout, rotary_dim);
+# cos/sin's shapes are in the signature, so their half form is taken as validation took it.
+_TABLE_SIGNATURES: dict[tuple, tuple[Layout, int]] = {}
 _MAX_SIGNATURES = 4096  # serving changes T every step: bound the memory, re-validate after a clear
 
 
@@ -307,21 +309,17 @@ def args_for_tables(
     key = None if torch.compiler.is_compiling() else _signature(tensors, cos, sin, layout, rotary_dim, inplace)
     known = _TABLE_SIGNATURES.get(key) if key is not None else None
     if known is not None:
-        layout, rotary_dim, form = known
+        layout, rotary_dim = known
         checked = tuple(t for _, t in tensors)
         if len(checked) == 2:
             _need_distinct(*checked)  # addresses are not part of the signature
-        if form == 1:
-            cos, sin = cos[..., : rotary_dim // 2], sin[..., : rotary_dim // 2]
-        elif form == 2:
-            cos, sin = cos[..., ::2], sin[..., ::2]
+        cos, sin = _half_view(cos, sin, layout, rotary_dim)
         return RopeArgs(checked, inplace, layout, rotary_dim, cos=cos, sin=sin)
     args = _check_tables(tensors, cos, sin, layout, rotary_dim, inplace)
     if key is not None:
         if len(_TABLE_SIGNATURES) >= _MAX_SIGNATURES:
             _TABLE_SIGNATURES.clear()
-        form = 0 if args.cos is cos else (1 if args.layout is Layout.NEOX else 2)
-        _TABLE_SIGNATURES[key] = (args.layout, args.rotary_dim, form)
+        _TABLE_SIGNATURES[key] = (args.layout, args.rotary_dim)
     return args
 
 
