@@ -13,12 +13,12 @@ import functools
 import os
 from typing import Iterator, Mapping
 
-__all__ = ["use_backend", "requested", "parse", "state"]
+__all__ = ["use_backend", "requested", "parse", "raw_env"]
 
 ENV = "ROPE_BACKEND"
 _ALL = "*"
 _context: contextvars.ContextVar["_Overrides | None"] = contextvars.ContextVar("rope_backend", default=None)
-_env_cache: tuple[str | None, Mapping[str, str] | None] = (None, None)
+_env_cache: tuple[object, Mapping[str, str] | None] = (None, None)  # (stored value, parsed)
 
 
 def parse(spec: str | Mapping[str, str], source: str = "backend") -> Mapping[str, str]:
@@ -69,26 +69,6 @@ def use_backend(spec: str | Mapping[str, str]) -> Iterator[None]:
         _context.reset(token)
 
 
-def _environ_getter():
-    """A cheap read of one environment variable: ``os.environ.get`` encodes the key on every
-    call (about 1 us); ``os.environ._data`` is the dict behind it (CPython, POSIX and Windows),
-    kept in step by every ``os.environ[...] =`` and ``del``."""
-    data = getattr(os.environ, "_data", None)
-    encode = getattr(os.environ, "encodekey", None)
-    decode = getattr(os.environ, "decodevalue", None)
-    if not isinstance(data, dict) or encode is None or decode is None:
-        return os.environ.get
-
-    def get(name: str) -> str | None:
-        raw = data.get(encode(name))
-        return None if raw is None else decode(raw)
-
-    return get
-
-
-_getenv = _environ_getter()
-
-
 def raw_env(name: str):
     """``() -> value`` of one environment variable in its stored form (bytes on POSIX), for cache
     keys: the key encoded once, no decoding (a dispatch key needs equality, not the text)."""
@@ -99,18 +79,16 @@ def raw_env(name: str):
     return functools.partial(data.get, encode(name))
 
 
-def state() -> tuple:
-    """Everything an override could depend on besides the ``backend`` argument: the
-    ``use_backend`` context of this thread/task and the raw ``ROPE_BACKEND`` value. Hashable and
-    cheap; the dispatcher keys its per-signature cache by it."""
-    return (_context.get(), _getenv(ENV))
+_env_raw = raw_env(ENV)
 
 
 def _env() -> Mapping[str, str] | None:
+    """ROPE_BACKEND parsed, re-parsed only when its stored value changes."""
     global _env_cache
-    raw = _getenv(ENV)
+    raw = _env_raw()
     if raw != _env_cache[0]:
-        _env_cache = (raw, parse(raw, ENV) if raw else None)
+        text = os.environ.get(ENV)
+        _env_cache = (raw, parse(text, ENV) if text else None)
     return _env_cache[1]
 
 
