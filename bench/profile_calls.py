@@ -22,8 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import rope_backends as rb  # noqa: E402
-from rope_backends.benchmarking import BACKWARD_SHAPES, device_info  # noqa: E402
-from rope_backends.freqs import cos_sin  # noqa: E402
+from rope_backends.benchmarking import _backward_cases, device_info  # noqa: E402
 
 REPS = 5
 
@@ -59,12 +58,11 @@ def main() -> None:
     from triton.testing import do_bench
     device = torch.device("cuda")
     result: dict = {"device": device_info(device), "command": "python bench/profile_calls.py", "cases": []}
-    for shape, layout in BACKWARD_SHAPES["gpu"]:
-        seq, head_dim = shape[-3], shape[-1]
-        cos, sin = (t.to(device)[:, None] for t in cos_sin(torch.arange(seq), head_dim))
-        torch.manual_seed(0)
-        x = torch.randn(shape, dtype=torch.bfloat16, device=device)
-        g = torch.randn(shape, dtype=torch.bfloat16, device=device)
+    # the backward group's own inputs (x, g, cos, sin), one case per shape
+    for case in (c for c in _backward_cases("gpu", device) if c.op == "forward"):
+        shape, layout = case.shape, case.layout
+        d = case.make(0)
+        x, g, cos, sin = d["x"], d["g"], d["cos"], d["sin"]
         xg = x.detach().requires_grad_(True)
         y = rb.apply(xg, cos, sin, layout=layout)
         calls = {
@@ -75,10 +73,10 @@ def main() -> None:
         for name, fn in calls.items():
             kernels, total = _kernels(fn)
             us = do_bench(fn, return_mode="median") * 1e3
-            row = {"shape": str(shape), "layout": layout, "call": name, "kernels": kernels,
+            row = {"shape": shape, "layout": layout, "call": name, "kernels": kernels,
                    "kernel_us": total, "do_bench_us": us}
             result["cases"].append(row)
-            print(f"{str(shape):22s} {layout:11s} {name:26s} do_bench {us:8.1f} µs  kernels {total:8.1f} µs")
+            print(f"{shape:22s} {layout:11s} {name:26s} do_bench {us:8.1f} µs  kernels {total:8.1f} µs")
             for kname, t in kernels:
                 print(f"{'':62s}{t:8.1f} µs  {kname}")
     summary: dict = defaultdict(dict)
