@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from . import ops, override, reference, registry
-from .spec import (Layout, MRope, RopeArgs, args_for_cached, args_for_tables, check_position_range,
+from .spec import (Layout, MRope, RopeArgs, args_for_cached, args_for_tables, check_partial_rotary,
+                   check_position_range,
                    dispatch_modes, jit_trace_state, memory_guard, position_range_checked, traced)
 
 __all__ = ["apply", "apply_qk", "apply_cached"]
@@ -135,6 +136,19 @@ def _range_checked(run: Callable) -> Callable:
     return checked
 
 
+def _tables_checked(run: Callable, args: RopeArgs) -> Callable:
+    """A table-call runner that repeats the partial-rotary value check first, where validation
+    made it (``args.value_checks``: CPU tables, or ROPE_BACKENDS_DEBUG=1)."""
+    if not args.value_checks:
+        return run
+    layout, head_dim = args.layout, args.tensors[0].shape[-1]
+
+    def checked(tensors, cos, sin):
+        check_partial_rotary(cos, sin, layout, head_dim)
+        return run(tensors, cos, sin)
+    return checked
+
+
 def _keep(key: tuple | None, run: Callable | None, generation: int, guard: Callable | None = None) -> None:
     """Keep ``run`` under ``key`` with the generation read before it was prepared: an entry of an
     older generation is never used (_runner / the inline lookups compare it)."""
@@ -155,8 +169,8 @@ def _eager_autograd(key: tuple | None, args: RopeArgs, backend: str | None,
         return None
     generation = _GENERATION[0]
     run = ops.eager_autograd_runner(ops.resolve(args, backend), args)
-    if key is not None and not args.provisional:
-        _keep(key, run, generation, memory_guard(rotated, read, False))
+    if key is not None:
+        _keep(key, _tables_checked(run, args), generation, memory_guard(rotated, read, False))
     return run
 
 
@@ -171,12 +185,12 @@ def _run_and_remember(key: tuple | None, args: RopeArgs, backend: str | None, ro
     generation = _GENERATION[0]
     chosen = ops.resolve(args, backend)
     outs = chosen.forward(args)
-    if key is not None and chosen.prepare is not None and not args.provisional and generation == _GENERATION[0]:
+    if key is not None and chosen.prepare is not None and generation == _GENERATION[0]:
         run = chosen.prepare(args)
         if run is not None:
             if check_positions:
                 run = _range_checked(run)
-            _keep(key, run, generation, memory_guard(rotated, read, args.inplace))
+            _keep(key, _tables_checked(run, args), generation, memory_guard(rotated, read, args.inplace))
     return outs
 
 

@@ -174,7 +174,7 @@ class _EagerRotation(torch.autograd.Function):
             pad = (slice(None),) + (None,) * (rank - cos.dim())
             cos, sin = cos[pad], sin[pad]
         outs = rotate(rotation, cos, sin, tuple(moved))
-        outs = tuple(o.reshape(size, *t.shape[1:]) if d is None else o.reshape(size, *_sample_shape(t, d))
+        outs = tuple(o.reshape(size, *(t.shape if d is None else _sample_shape(t, d)))
                      for o, t, d in zip(outs, tensors, dims))
         return outs, (0,) * len(outs)
 

@@ -115,11 +115,10 @@ class RopeArgs:
     positions  ``tensors[i].shape[:-2]`` (or ``[3, *that]`` with ``mrope``); integer dtype.
     cache      ``[max_position, rotary_dim]``: cos in columns ``[:half]``, sin in ``[half:]``.
     mrope      per-frequency position row, or None.
-    provisional
-               validation could not settle this call from its signature alone (a cos/sin table
-               whose reading -- half form or duplicated form -- its values do not tell yet): the
-               dispatcher keeps nothing for the signature, so the next call is checked again.
-               Backends ignore it.
+    value_checks
+               validation read cos/sin values (the partial-rotary check,
+               :func:`check_partial_rotary`), so a repeated call with this signature must read its
+               own again: the dispatcher's runner for it makes that check first. Backends ignore it.
     """
 
     tensors: tuple[Tensor, ...]
@@ -132,7 +131,7 @@ class RopeArgs:
     positions: Tensor | None = None
     cache: Tensor | None = None
     mrope: MRope | None = None
-    provisional: bool = False
+    value_checks: bool = False
 
     @property
     def kind(self) -> str:
@@ -379,11 +378,9 @@ def shared_memory(a: Tensor, b: Tensor, a_address: int | None = None, b_address:
     terms: dict[int, list[int]] = {}
     for t, size, sign in ((a, ia, -1), (b, ib, 1)):
         for n, st in zip(t.shape, t.stride()):
-            if n > 1 and st:
+            if n > 1 and st:  # a stride-0 dim repeats elements: the same bytes as without it
                 lo_hi = terms.setdefault(st * size, [0, 0])
                 lo_hi[0 if sign < 0 else 1] += sign * (n - 1)
-            elif n > 1:
-                return True  # an expanded dim: handled by self_overlap for targets; be safe here
     if ia > 1 or ib > 1:  # bytes within one element
         lo_hi = terms.setdefault(1, [0, 0])
         lo_hi[0] -= ia - 1
@@ -593,16 +590,18 @@ def args_for_tables(
         key = _signature(tensors, cos, sin, layout, rotary_dim, inplace)
     known = _TABLE_SIGNATURES.get(key) if key is not None else None
     if known is not None:
-        layout, rotary_dim = known
+        layout, rotary_dim, value_checks = known
         checked = tuple(t for _, t in tensors)
         check_memory(tensors, (("cos", cos), ("sin", sin)), inplace)  # addresses are not in the signature
+        if value_checks:  # values are not in the signature either
+            check_partial_rotary(cos, sin, layout, checked[0].shape[-1])
         cos, sin = _half_view(cos, sin, layout, rotary_dim)
-        return RopeArgs(checked, inplace, layout, rotary_dim, cos=cos, sin=sin)
+        return RopeArgs(checked, inplace, layout, rotary_dim, cos=cos, sin=sin, value_checks=value_checks)
     args = _check_tables(tensors, cos, sin, layout, rotary_dim, inplace)
-    if key is not None and not args.provisional:
+    if key is not None:
         if len(_TABLE_SIGNATURES) >= _MAX_SIGNATURES:
             _TABLE_SIGNATURES.clear()
-        _TABLE_SIGNATURES[key] = (args.layout, args.rotary_dim)
+        _TABLE_SIGNATURES[key] = (args.layout, args.rotary_dim, args.value_checks)
     return args
 
 
@@ -651,15 +650,17 @@ def _check_tables(
             "cos: expected cos/sin that do not require grad (gradients flow to the rotated tensors only), "
             "got cos/sin that require grad; pass cos.detach(), sin.detach()"
         )
-    provisional = False
-    if asked_rotary_dim is None and head_dim % 4 == 0 and cos.shape[-1] == head_dim // 2:
-        provisional = _partial_rotary_trap(cos, sin, layout, head_dim)
+    # a width that reads two ways (docs/errors.md, "partial rotary"): checked by value where reading costs no sync
+    value_checks = (asked_rotary_dim is None and head_dim % 4 == 0 and cos.shape[-1] == head_dim // 2
+                    and values_readable(cos))
+    if value_checks:
+        check_partial_rotary(cos, sin, layout, head_dim)
     if inplace:
         for name, t in named:
             _no_grad_inplace(name, t)
             _need_writable(name, t)
         _need_apart(named, passed)
-    return RopeArgs(tuple(checked), inplace, layout, rotary_dim, cos=cos, sin=sin, provisional=provisional)
+    return RopeArgs(tuple(checked), inplace, layout, rotary_dim, cos=cos, sin=sin, value_checks=value_checks)
 
 
 def values_readable(t: Tensor) -> bool:
@@ -672,26 +673,21 @@ def values_readable(t: Tensor) -> bool:
     return kind != "meta" and (kind == "cpu" or debug_checks())
 
 
-def _partial_rotary_trap(cos: Tensor, sin: Tensor, layout: Layout, head_dim: int) -> bool:
-    """cos/sin of width ``head_dim // 2`` without ``rotary_dim=`` read as the half form of a full
-    rotation; they may be meant as the duplicated form of ``rotary_dim = head_dim // 2`` (GLM-style
-    partial rotary), which metadata cannot tell apart. Where values can be read: a table whose
-    halves (neox) or even/odd columns (interleaved) are equal, for cos and sin, and that rotates
-    something (some sin != 0) is the duplicated form -> ValueError. A table of cos = 1, sin = 0 gives
-    the same result either way and tells nothing: returns True (provisional: check the next call
-    of the signature again). False: settled (the halves differ, or values cannot be read)."""
-    if not values_readable(cos):
-        return False
+def check_partial_rotary(cos: Tensor, sin: Tensor, layout: Layout, head_dim: int) -> None:
+    """cos/sin (half form as passed) of width ``head_dim // 2`` for a call without ``rotary_dim=``
+    read as the half form of a full rotation; they may be meant as the duplicated form of
+    ``rotary_dim = head_dim // 2`` (GLM-style partial rotary), which metadata cannot tell apart.
+    A table whose halves (neox) or even/odd columns (interleaved) are equal, for cos and sin, and
+    that rotates something (some sin != 0; cos = 1, sin = 0 gives the same result either way) is
+    the duplicated form: ValueError naming cos. Reads the values (callers check values_readable)."""
     c, s = plain(cos), plain(sin)
     w = c.shape[-1]
     if layout is Layout.NEOX:
         c1, c2, s1, s2 = c[..., : w // 2], c[..., w // 2:], s[..., : w // 2], s[..., w // 2:]
     else:
         c1, c2, s1, s2 = c[..., 0::2], c[..., 1::2], s[..., 0::2], s[..., 1::2]
-    if not (torch.equal(c1, c2) and torch.equal(s1, s2)):
-        return False
-    if not bool(s.ne(0).any()):
-        return True
+    if not (torch.equal(c1, c2) and torch.equal(s1, s2)) or not bool(s.ne(0).any()):
+        return
     pairs = "halves" if layout is Layout.NEOX else "even and odd columns"
     raise ValueError(
         f"cos: expected rotary_dim= for cos/sin of width head_dim//2={w} whose {pairs} are equal, got "
