@@ -593,7 +593,7 @@ def args_for_tables(
         layout, rotary_dim, value_checks = known
         checked = tuple(t for _, t in tensors)
         check_memory(tensors, (("cos", cos), ("sin", sin)), inplace)  # addresses are not in the signature
-        if value_checks:  # values are not in the signature either
+        if value_checks and values_readable(cos):  # values are not in the signature either
             check_partial_rotary(cos, sin, layout, checked[0].shape[-1])
         cos, sin = _half_view(cos, sin, layout, rotary_dim)
         return RopeArgs(checked, inplace, layout, rotary_dim, cos=cos, sin=sin, value_checks=value_checks)
