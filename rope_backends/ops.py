@@ -145,7 +145,8 @@ class _EagerRotation(torch.autograd.Function):
             what = "cos/sin" if name == "cos" else name
             raise ValueError(
                 f"{name}: expected {what} without a forward-mode tangent (derivatives flow through the rotated "
-                f"tensors only), got {what} carrying one; pass them without a tangent (e.g. .detach() or a plain tensor)"
+                f"tensors only), got {what} carrying one; pass {what} without a tangent (e.g. a tensor made outside the "
+                f"dual level or transform)"
             )
         cos, sin = ctx.saved_tensors
         if all(t is None for t in tangents):

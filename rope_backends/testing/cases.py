@@ -609,6 +609,8 @@ WHY = {
                  "ROPE_BACKENDS_DEBUG=1)",
     "mrope": "an MRoPE axis map names a position row (0, 1 or 2) for each of the rotary_dim//2 pairs",
     "options": "layout is 'neox' or 'interleaved' (or a rope_backends.Layout); inplace is a bool",
+    "inplace_grad": "an in-place call is not differentiable: a target that requires grad (with grad enabled) "
+                    "would silently lose its gradient",
     "memory": "a kernel's programs run at once: an in-place target whose elements share memory, q and k "
               "sharing memory, or a target sharing memory with cos/sin/positions/cache would make the "
               "result depend on which program runs first (q and k are kept apart out of place too)",
@@ -788,6 +790,7 @@ def error_cases() -> list[ErrorCase]:
     apply_case("layout_unknown", ValueError, "layout", layout="gptj", inplace=True)
     apply_case("layout_not_str", ValueError, "layout", layout=1)
     apply_case("inplace_not_bool", TypeError, "inplace", inplace=1)
+    because("inplace_grad")
     apply_case("inplace_requires_grad", ValueError, "x", x=lambda dev: _t(4, 2, 16, device=dev).requires_grad_(),
                inplace=True)
     because("memory")
