@@ -238,11 +238,17 @@ def apply(
         (one value per pair) or ``rotary_dim`` (duplicated HF/diffusers form). Any float dtype.
         For ``[B, S, H, D]`` give ``[S, 1, r/2]`` (or ``[B, S, 1, r/2]``) so they skip the heads.
     layout: ``"neox"`` (rotate_half) or ``"interleaved"`` (GPT-J / complex form).
-    rotary_dim: rotated width (even, <= head_dim; default head_dim); the rest is copied.
-    inplace: write into ``x`` and return it.
-    backend: run on this backend (overrides ``use_backend`` and ``ROPE_BACKEND``).
+    rotary_dim: rotated width (even, <= head_dim; default head_dim); the rest is copied. Pass it
+        whenever the rotated width is not head_dim: without it cos/sin of width ``head_dim // 2``
+        are the half form of a full rotation, and on CPU (or with ``ROPE_BACKENDS_DEBUG=1``) a
+        table that is the duplicated form of ``rotary_dim = head_dim // 2`` instead (equal halves,
+        some sin != 0) is refused (docs/errors.md, "Partial rotary").
+    inplace: write into ``x`` and return it; ``x`` must not overlap itself or cos/sin.
+    backend: run on this backend (overrides ``use_backend`` and ``ROPE_BACKEND``); the same strings
+        as those: a name, or ``device:name`` pairs.
 
-    Returns a tensor of ``x``'s shape and dtype. Differentiable w.r.t. ``x``.
+    Returns a tensor of ``x``'s shape and dtype. Differentiable w.r.t. ``x`` (backward, forward-mode
+    AD) and usable under ``torch.func`` transforms (vmap, grad, jvp, jacrev, jacfwd).
     """
     compiling = _is_compiling()  # dynamo folds it; is_neg() cannot be traced
     if not compiling and _negated(x, cos, sin):
@@ -297,7 +303,8 @@ def apply_qk(
 ) -> tuple[Tensor, Tensor]:
     """Rotate q ``[..., Hq, D]`` and k ``[..., Hk, D]`` with the same cos/sin in one call
     (one kernel launch on GPU). Hq and Hk may differ (GQA/MQA). Same options as :func:`apply`;
-    cos/sin must broadcast against both. Differentiable w.r.t. q and k."""
+    cos/sin must broadcast against both. q and k share no element (views of disjoint columns of
+    one fused buffer are fine). Differentiable w.r.t. q and k, like :func:`apply`."""
     compiling = _is_compiling()  # dynamo folds it; is_neg() cannot be traced
     if not compiling and _negated(q, k, cos, sin):
         q, k, cos, sin = _without_negative_bit((("q", q), ("k", k), ("cos", cos), ("sin", sin)), 2, inplace)
@@ -365,9 +372,11 @@ def apply_cached(
         Qwen3-VL interleaved, Ernie4.5-VL); 1-row positions with mrope mean text-only input.
     inplace: write into q and k (default, as serving engines do) and return them.
 
-    Positions are range-checked on CPU tensors always and on GPU only with
-    ``ROPE_BACKENDS_DEBUG=1`` (the check costs a sync); otherwise an out-of-range position gives
-    NaN in that token's rotated part and reads nothing out of bounds.
+    Positions are range-checked on CPU tensors always (under torch.compile and tracing when the
+    op runs) and on GPU only with ``ROPE_BACKENDS_DEBUG=1`` (the check costs a sync); otherwise an
+    out-of-range position gives NaN in that token's rotated part and reads nothing out of bounds.
+    q and k share no element; in place, neither shares memory with positions or the cache. A
+    cache that requires grad is refused with grad enabled (gradients flow to q and k only).
     """
     compiling = _is_compiling()  # dynamo folds it; is_neg() cannot be traced
     if not compiling and _negated(q, k, positions, cos_sin_cache):
