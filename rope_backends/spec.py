@@ -651,7 +651,8 @@ def _check_tables(
             "got cos/sin that require grad; pass cos.detach(), sin.detach()"
         )
     # a width that reads two ways (docs/errors.md, "partial rotary"): checked by value where reading costs no sync
-    value_checks = (asked_rotary_dim is None and head_dim % 4 == 0 and cos.shape[-1] == head_dim // 2
+    # (the width as passed: a duplicated full-rotation table is head_dim wide and reads one way only)
+    value_checks = (asked_rotary_dim is None and head_dim % 4 == 0 and passed[0][1].shape[-1] == head_dim // 2
                     and values_readable(cos))
     if value_checks:
         check_partial_rotary(cos, sin, layout, head_dim)

@@ -102,6 +102,10 @@ def test_partial_rotary_table(target, layout):
                          reference.rotate(x, hc, hs, lay, 8), name="rotary_dim=8: the duplicated form")
     assert_bitwise_equal(rb.apply(x, dup_c, dup_s, layout=layout, rotary_dim=16, backend=b),
                          reference.rotate(x, dup_c, dup_s, lay, 16), name="rotary_dim=16: the half form")
+    full_c, full_s = (t.to(dev) for t in _dup(4, 16, layout))  # the duplicated form of a full rotation: width 16
+    for _ in range(3):
+        assert_bitwise_equal(rb.apply(x, full_c, full_s, layout=layout, backend=b),
+                             reference.rotate(x, half_c, half_s, lay, 16), name="duplicated form, full rotation")
     ones, zeros = torch.ones(4, 1, 8, device=dev), torch.zeros(4, 1, 8, device=dev)
     assert_bitwise_equal(rb.apply(x, ones, zeros, layout=layout, backend=b), x, name="cos 1, sin 0")
 
