@@ -364,14 +364,13 @@ def self_overlap(t: Tensor) -> bool | None:
         return None
 
 
-def shared_memory(a: Tensor, b: Tensor, a_address: int | None = None, b_address: int | None = None) -> bool | None:
+def shared_memory(a: Tensor, b: Tensor) -> bool | None:
     """Whether ``a`` and ``b`` have a byte in common: False, True, or None (the exact search gave
     up: treat as overlapping). Exact for equal strides (views of one buffer) and for any tensors
-    whose byte ranges are disjoint. Addresses may be given (those of the tensors' memory)."""
+    whose byte ranges are disjoint."""
     if not a.numel() or not b.numel():
         return False
-    pa = _address(a) if a_address is None else a_address
-    pb = _address(b) if b_address is None else b_address
+    pa, pb = _address(a), _address(b)
     if pb - pa >= extent(a) or pa - pb >= extent(b):
         return False
     ia, ib = a.element_size(), b.element_size()
@@ -435,10 +434,10 @@ def _need_writable(name: str, t: Tensor) -> None:
 
 
 def _need_apart(written: Sequence[tuple[str, Tensor]], read: Sequence[tuple[str, Tensor]]) -> None:
-    """In place: no written tensor shares memory with another argument of the call (the other
-    target, or cos/sin/positions/cache, which the kernel reads while it writes)."""
-    for i, (wn, w) in enumerate(written):
-        for rn, r in list(written[i + 1:]) + list(read):
+    """In place: no written tensor shares memory with what the kernel reads while it writes
+    (cos/sin, positions, the cache); q and k are kept apart by :func:`_need_distinct`."""
+    for wn, w in written:
+        for rn, r in read:
             if r is None or not _has_memory(w, r):
                 continue
             pw, pr = plain(w), plain(r)
@@ -492,12 +491,12 @@ def memory_guard(rotated: Sequence[Tensor], read: Sequence[Tensor], inplace: boo
         pairs = [(0, 1)] + ([(0, 2), (0, 3), (1, 2), (1, 3)] if inplace else [])
     else:
         pairs = [(0, 1), (0, 2)]
-    spec = tuple((i, j, extents[i], extents[j], addresses[j] - addresses[i]) for i, j in pairs)
-    if len(spec) == 1:
-        return _guard2(*spec[0][2:])
-    if len(spec) == 2:
-        return _guard3(spec)
-    return _guard4(spec)
+    checks = tuple((i, j, extents[i], extents[j], addresses[j] - addresses[i]) for i, j in pairs)
+    if len(checks) == 1:
+        return _guard2(*checks[0][2:])
+    if len(checks) == 2:
+        return _guard3(checks)
+    return _guard4(checks)
 
 
 # Guards run on every repeated call: unrolled, a few additions and comparisons per pair.
@@ -509,8 +508,8 @@ def _guard2(ea: int, eb: int, ok: int):
     return guard
 
 
-def _guard3(spec):
-    (_, _, ea, eb, ok_b), (_, _, _, ec, ok_c) = spec
+def _guard3(checks):
+    (_, _, ea, eb, ok_b), (_, _, _, ec, ok_c) = checks
 
     def guard(a, b, c):
         pa = a.data_ptr()
@@ -522,8 +521,8 @@ def _guard3(spec):
     return guard
 
 
-def _guard4(spec):
-    (_, _, ea, eb, ok_ab), (_, _, _, ec, ok_ac), (_, _, _, ed, ok_ad), (_, _, _, _, ok_bc), (_, _, _, _, ok_bd) = spec
+def _guard4(checks):
+    (_, _, ea, eb, ok_ab), (_, _, _, ec, ok_ac), (_, _, _, ed, ok_ad), (_, _, _, _, ok_bc), (_, _, _, _, ok_bd) = checks
 
     def guard(a, b, c, d):
         pa, pb, pc, pd = a.data_ptr(), b.data_ptr(), c.data_ptr(), d.data_ptr()
