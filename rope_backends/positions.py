@@ -561,13 +561,15 @@ def _host(call: _Call) -> tuple[Tensor, Tensor]:
         flat_valid = (m != 0 if v5 else m == 1).reshape(-1)
     if call.types is not None:
         kind = call.types.numpy().reshape(-1)
-        bad = (kind < 0) | (kind > 2)
-        if flat_valid is not None:
-            bad &= flat_valid
-        if bad.any():
-            raise _bad_types(sorted(set(np.unique(kind[bad]).tolist()) | {0}))
+        if kind.size and (kind.min() < 0 or kind.max() > 2):
+            bad = (kind < 0) | (kind > 2)
+            if flat_valid is not None:
+                bad &= flat_valid
+            if bad.any():
+                raise _bad_types(sorted(set(np.unique(kind[bad]).tolist()) | {0}))
+            kind = np.where(bad, 0, kind)  # out-of-range values sit in padded slots only
     else:
-        kind = (flat_ids == call.image_id).astype(np.int64) + 2 * (flat_ids == call.video_id)
+        kind = (flat_ids == call.image_id).view(np.int8) + 2 * (flat_ids == call.video_id).view(np.int8)
     images, videos = call.images.numpy(), call.videos.numpy()
     n_img, n_vid = images.shape[0], videos.shape[0]
     grids = np.concatenate((images, videos))
@@ -581,24 +583,19 @@ def _host(call: _Call) -> tuple[Tensor, Tensor]:
 
     # group starts, as flat indices
     if v5:  # where the type of consecutive unpadded tokens changes to 1 or 2
-        if flat_valid is None:
-            prev = np.empty_like(kind)
-            prev[1:] = kind[:-1]
-            prev[:: s] = 0  # a row's first token has no predecessor
-        else:
-            idx = np.where(flat_valid, np.arange(b * s), -1).reshape(b, s)
-            last = np.maximum.accumulate(idx, axis=1)
-            prev_at = np.full((b, s), -1, dtype=np.int64)
-            prev_at[:, 1:] = last[:, :-1]
-            prev_at = prev_at.reshape(-1)
-            prev = np.where(prev_at >= 0, kind[np.maximum(prev_at, 0)], 0)
-        start = (kind != 0) & (prev != kind)
         if flat_valid is not None:
-            start &= flat_valid
-        at = np.flatnonzero(start)
+            valid2 = flat_valid.reshape(b, s)
+            # padding inside a row would make "consecutive" mean "consecutive once compacted"
+            if (np.count_nonzero(valid2[:, 1:] & ~valid2[:, :-1], axis=1) + valid2[:, 0] > 1).any():
+                return _device(_with_validation(call))
+            kind = np.where(flat_valid, kind, 0)
+        prev = np.empty_like(kind)
+        prev[1:] = kind[:-1]
+        prev[::s] = 0  # a row's first token has no predecessor
+        at = np.flatnonzero((kind != 0) & (prev != kind))
     else:  # a vision token right after a vision_start, both unpadded, in one row
         at = np.flatnonzero(flat_ids == call.start_id) + 1  # flat index of the token after
-        at = at[at % s != 0] if s else at
+        at = at[at % s != 0]
         if flat_valid is not None:
             at = at[flat_valid[at - 1]]
             if not flat_valid[at].all():
@@ -629,43 +626,43 @@ def _host(call: _Call) -> tuple[Tensor, Tensor]:
         scale = np.concatenate((_image_scale(call, n_img, np, scale), scale))[code]
     extent = _extent(call, g_t, g_h, g_w, scale, np)
 
+    # vision tokens: each group's L tokens from its first column on, offset o = 0..L-1
+    total = int(length.sum())
+    ends = at + length  # flat index one past each group
+    # a group must end inside its row and before the next group starts
+    if len(at) and (((ends - 1) // s != at // s).any() or (at[1:] < ends[:-1]).any()):
+        return _device(_with_validation(call))
+    gid = np.repeat(np.arange(len(at)), length)
+    offset = np.arange(total, dtype=np.int64)
+    offset -= (np.cumsum(length) - length)[gid]
+    where = at[gid] + offset  # flat index of every vision token
+    if (kind[where] != np.where(kind_vid, 2, 1)[gid]).any() or (
+        flat_valid is not None and not flat_valid[where].all()
+    ):
+        return _device(_with_validation(call))  # padding inside a group, or a run of the wrong kind
+    n_vision = int(np.count_nonzero(kind if flat_valid is None or v5 else kind * flat_valid))
+    if n_vision != total:
+        raise _malformed(call, n_vision, total, 0, total)
+
     # text positions: unpadded index + the (extent - length) of every group so far
-    jump = np.zeros(b * s, dtype=np.int64)
-    jump[at] = extent - length
-    text_pos = np.cumsum(jump.reshape(b, s), axis=1, out=jump.reshape(b, s))
-    shift_last = text_pos[:, -1].copy() if s else np.zeros(b, dtype=np.int64)
+    text_pos = np.zeros(b * s, dtype=np.int64)
+    text_pos[at] = extent - length
+    text_pos = text_pos.reshape(b, s)
+    np.cumsum(text_pos, axis=1, out=text_pos)
+    shift_last = text_pos[:, -1].copy()
     if flat_valid is None:
         n_valid = np.full(b, s, dtype=np.int64)
         text_pos += np.arange(s, dtype=np.int64)
     else:
         comp = np.cumsum(flat_valid.reshape(b, s), axis=1, dtype=np.int64)
-        n_valid = comp[:, -1] if s else np.zeros(b, dtype=np.int64)
+        n_valid = comp[:, -1].copy()
         text_pos += comp
         text_pos -= 1
+        np.copyto(text_pos, 0 if v5 else 1, where=~flat_valid.reshape(b, s))  # padded slots
+    text_flat = text_pos.reshape(-1)
+    base = text_flat[at] - (extent - length)
     pos = np.empty((3, b * s), dtype=np.int64)
-    pos[:] = jump
-
-    # vision tokens: each group's L tokens from its first column on, offset o = 0..L-1
-    total = int(length.sum())
-    gid = np.repeat(np.arange(len(at)), length)
-    offset = np.arange(total, dtype=np.int64)
-    offset -= (np.cumsum(length) - length)[gid]
-    where = at[gid] + offset  # flat index of every vision token
-    # a group must end inside its row and before the next group starts
-    ends = at + length  # flat index one past each group
-    if len(at) and (((ends - 1) // s != at // s).any() or (at[1:] < ends[:-1]).any()):
-        return _device(_with_validation(call))
-    if (kind[where] != np.where(np.repeat(kind_vid, length), 2, 1)).any() or (
-        flat_valid is not None and not flat_valid[where].all()
-    ):
-        return _device(_with_validation(call))  # padding inside a group, or a run of the wrong kind
-    vision = kind != 0
-    if flat_valid is not None:
-        vision &= flat_valid
-    n_vision = int(np.count_nonzero(vision))
-    if n_vision != total or not vision[where].all():
-        raise _malformed(call, n_vision, total, 0, total)
-    base = jump[at] - (extent - length)
+    pos[:] = text_flat
     hw, wm = (g_h * g_w)[gid], g_w[gid]
     frame = offset // hw
     rest = offset - frame * hw
@@ -676,14 +673,12 @@ def _host(call: _Call) -> tuple[Tensor, Tensor]:
     pos[1, where] = b_tok + hrow
     rest -= hrow * wm
     pos[2, where] = b_tok + rest
-    if flat_valid is not None:
-        np.copyto(pos, 0 if v5 else 1, where=~flat_valid[None])
-    if v5:  # the row's largest position (a video's frames may pass the running position)
-        top = pos.reshape(3, b, s).max(axis=0)
-        if flat_valid is not None:
-            top = np.where(flat_valid.reshape(b, s), top, -1)
-        row_max = top.max(axis=1) if s else np.full(b, -1, dtype=np.int64)
-        deltas = np.where(n_valid > 0, row_max + 1 - n_valid, 0)
+    if v5:  # the row's largest position: its last running position, or a video frame past it
+        row_top = n_valid + shift_last  # running position after the row's last token
+        if len(at):
+            t_last = g_t - 1 if scale is None else _t_value(g_t - 1, scale, call.tokens_per_second, "v5", np)
+            np.maximum.at(row_top, at // s, base + t_last + 1)
+        deltas = np.where(n_valid > 0, row_top - n_valid, 0)
     else:
         deltas = n_valid + shift_last - s
     out = torch.from_numpy(pos).view(3, b, s)
@@ -695,6 +690,11 @@ def _with_validation(call: _Call) -> _Call:
 
 
 # --------------------------------------------------------------------- GPU inputs, host path ---
+def _resident(t: Tensor) -> bool:
+    """Already in host memory (read in place by the host path)."""
+    return t.device.type == "cpu"
+
+
 def _via_host(call: _Call) -> tuple[Tensor, Tensor]:
     """One device->host copy of every input (packed into one int64 tensor: the one sync), the
     NumPy path, and one asynchronous host->device copy of both results from pinned memory."""
@@ -702,20 +702,29 @@ def _via_host(call: _Call) -> tuple[Tensor, Tensor]:
     b, s = call.ids.shape
     names = ("ids", "mask", "types", "images", "videos", "scale")
     given = {n: getattr(call, n) for n in names if getattr(call, n) is not None}
-    # exact round trip for the seconds: widen to 64 bits and carry the bits as int64
-    as_int64 = {n: (t.double().view(torch.int64) if t.is_floating_point() else t.long()).reshape(-1)
-                for n, t in given.items() if t.device.type != "cpu"}
-    host_values = {n: t for n, t in given.items() if t.device.type == "cpu"}
-    if as_int64:
-        packed = torch.cat(list(as_int64.values())).cpu()  # the one sync
-        for (n, t), piece in zip(as_int64.items(), torch.split(packed, [t.numel() for t in as_int64.values()])):
-            src = given[n]
-            piece = piece.view(torch.float64) if src.is_floating_point() else piece
-            host_values[n] = piece.to(src.dtype).view(src.shape)
-    on_host = replace(call, **host_values)
-    pos, deltas = _host(on_host)
+    host_values = {n: t for n, t in given.items() if _resident(t)}
+    remote = {n: t for n, t in given.items() if not _resident(t)}
+    if remote:
+        packed = _pack(list(remote.values())).cpu()  # the one sync
+        host_values.update(zip(remote, _unpack(packed, list(remote.values()))))
+    pos, deltas = _host(replace(call, **host_values))
     out = torch.empty(pos.numel() + deltas.numel(), dtype=torch.int64, pin_memory=dev.type == "cuda")
     out[: pos.numel()].copy_(pos.reshape(-1))
     out[pos.numel():].copy_(deltas.reshape(-1))
     out = out.to(dev, non_blocking=True)
     return out[: pos.numel()].view(3, b, s).to(call.ids.dtype), out[pos.numel():].view(b, 1)
+
+
+def _pack(tensors: list[Tensor]) -> Tensor:
+    """One flat int64 tensor holding every value exactly: integers and bools widened, floats
+    widened to float64 and carried bit for bit."""
+    return torch.cat([(t.double().view(torch.int64) if t.is_floating_point() else t.long()).reshape(-1) for t in tensors])
+
+
+def _unpack(packed: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """Inverse of :func:`_pack`: tensors of ``like``'s dtypes and shapes, on packed's device."""
+    out = []
+    for t, piece in zip(like, torch.split(packed, [t.numel() for t in like])):
+        piece = piece.view(torch.float64) if t.is_floating_point() else piece
+        out.append(piece.to(t.dtype).view(t.shape))
+    return out

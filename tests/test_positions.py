@@ -501,12 +501,17 @@ def v5_kwargs(batch: Batch, **extra):
     return kw
 
 
-def transformers_5_rope_index(variant: str, tokens_per_second=2):
+def installed_get_rope_index(variant: str, tokens_per_second=2):
     """The installed transformers' own ``get_rope_index`` (5.x), called unbound on the two
-    attributes it reads (``config.vision_config`` and ``get_vision_position_ids``)."""
-    transformers = pytest.importorskip("transformers")
+    attributes it reads (``config.vision_config`` and ``get_vision_position_ids``), as
+    ``run(batch, second_per_grid_ts=None, attention_mask="batch")``; None without a transformers
+    5.x. Also the v5 baseline of bench/rope_index.py."""
+    try:
+        import transformers
+    except ImportError:
+        return None
     if int(transformers.__version__.split(".")[0]) < 5:
-        pytest.skip(f"transformers {transformers.__version__}: the 4.x get_rope_index has no mm_token_type_ids")
+        return None
     from types import MethodType
 
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
@@ -526,6 +531,13 @@ def transformers_5_rope_index(variant: str, tokens_per_second=2):
             kw["second_per_grid_ts"] = second_per_grid_ts
         return model.get_rope_index(fake, batch.input_ids.clone(), mm_types(batch), **kw)
 
+    return run
+
+
+def transformers_5_rope_index(variant: str, tokens_per_second=2):
+    run = installed_get_rope_index(variant, tokens_per_second)
+    if run is None:
+        pytest.skip("needs transformers 5.x (its get_rope_index takes mm_token_type_ids)")
     return run
 
 
@@ -652,3 +664,35 @@ def test_v5_no_host_reads():
     with _HostReads() as mode:
         device_path(batch.input_ids, **v5_kwargs(batch, validate=False))
     assert mode.reads == []
+
+
+@pytest.mark.parametrize("convention", ["v4", "v5"])
+def test_gpu_inputs_host_path_round_trip(convention, monkeypatch):
+    """The path small GPU inputs take: every tensor packed into one int64 transfer and unpacked
+    exactly (bool masks, int32 ids, float32/float64 seconds), then the NumPy path. Forced here on
+    CPU tensors by treating none of them as host-resident."""
+    batch = make_batch(3, 1024, 3, 2, frames=3, variant="qwen2_5_vl", padding="mixed", seed=17)
+    kw = batch.kwargs() if convention == "v4" else v5_kwargs(batch)
+    want = positions.rope_index(batch.input_ids, **kw, path="host")
+    monkeypatch.setattr(positions, "_resident", lambda t: False)
+    seen = []
+    real = positions._unpack
+    monkeypatch.setattr(positions, "_unpack", lambda p, like: seen.append(len(like)) or real(p, like))
+    for secs in (batch.second_per_grid_ts, batch.second_per_grid_ts.double() / 3):
+        kw2 = dict(kw, second_per_grid_ts=secs, attention_mask=batch.attention_mask.bool())
+        call = positions._validate(batch.input_ids.int(), kw2.pop("image_grid_thw"), kw2.pop("video_grid_thw"),
+                                   kw2.pop("attention_mask"), kw2.pop("mm_token_type_ids", None),
+                                   kw2.pop("spatial_merge_size"), kw2.pop("image_token_id", None),
+                                   kw2.pop("video_token_id", None), kw2.pop("vision_start_token_id", None),
+                                   kw2.pop("variant"), kw2.pop("convention", None), kw2.pop("second_per_grid_ts"),
+                                   2, None, None, "host")
+        got = positions._via_host(call)
+        ref = positions._host(call)
+        assert_same(got, ref)
+        if secs is batch.second_per_grid_ts:
+            assert_same((got[0].long(), got[1]), want)
+    assert seen and all(n >= 5 for n in seen)  # ids, mask, grids, seconds (and types): one transfer
+    parts = [torch.tensor([True, False]), torch.tensor([-3, 7], dtype=torch.int32),
+             torch.tensor([0.1, 1 / 3], dtype=torch.float32), torch.tensor([1e-300, -2.5], dtype=torch.float64)]
+    for a, b in zip(real(positions._pack(parts), parts), parts):
+        assert a.dtype == b.dtype and torch.equal(a, b)
