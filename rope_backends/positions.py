@@ -416,20 +416,31 @@ def _device(call: _Call) -> tuple[Tensor, Tensor]:
     if s == 0:  # nothing to place (transformers' loop cannot even run on empty rows)
         return torch.empty((3, b, 0), dtype=ids.dtype, device=dev), torch.zeros((b, 1), dtype=torch.int64, device=dev)
     n_img, n_vid = call.images.shape[0], call.videos.shape[0]
-    grids = torch.cat((call.images, call.videos))
-    g_t, g_h, g_w = grids[:, 0], grids[:, 1] // call.merge, grids[:, 2] // call.merge
-    if call.variant == "qwen3_vl":  # every frame is its own (1, h, w) group
+    if n_img + n_vid == 0:  # grids given but empty: no group can exist; keep lookups in bounds
+        grids = torch.full((1, 3), call.merge, dtype=torch.int64, device=dev)
+    else:
+        grids = torch.cat((call.images, call.videos))
+    hw_grid = grids[:, 1:] // call.merge  # [G, 2]: h // m, w // m
+    g_t = grids[:, 0]
+    if call.variant == "qwen3_vl" and n_vid:  # every frame is its own (1, h, w) group
         g_t = g_t.clone()
         g_t[n_img:] = 1
     g_scale = None
     if call.scale is not None:
         g_scale = torch.cat((_image_scale(call, n_img, torch, call.scale), call.scale))
-    g_len = g_t * g_h * g_w
-    g_extent = _extent(call, g_t, g_h, g_w, None if g_scale is None else g_scale, torch)
-    if n_img + n_vid == 0:  # grids given but empty: no group can exist; keep lookups in bounds
-        one = torch.ones(1, dtype=torch.int64, device=dev)
-        g_t, g_h, g_w, g_len, g_extent = one, one, one, one, one
-        g_scale = None if g_scale is None else torch.zeros(1, dtype=g_scale.dtype, device=dev)
+        if n_img + n_vid == 0:
+            g_scale = torch.zeros(1, dtype=g_scale.dtype, device=dev)
+    g_hw = hw_grid.prod(1)
+    g_len = g_t * g_hw
+    if v5:
+        g_extent = hw_grid.amax(1)
+    elif g_scale is None:  # max index + 1 over (t, h, w)
+        g_extent = torch.maximum(g_t, hw_grid.amax(1))
+    else:
+        g_extent = torch.maximum(_t_value(g_t - 1, g_scale, call.tokens_per_second, "v4", torch) + 1, hw_grid.amax(1))
+    # one row per group, gathered once per token: length, extent - length, h*w, w (>= 1: no
+    # division by zero on malformed grids)
+    table = torch.stack((g_len, g_extent - g_len, g_hw.clamp(min=1), hw_grid[:, 1].clamp(min=1)), 1)
 
     if call.mask is None:
         valid = None
@@ -473,23 +484,26 @@ def _device(call: _Call) -> tuple[Tensor, Tensor]:
         vid_no = torch.searchsorted(call.videos[:, 0].cumsum(0), vid_no.flatten(), right=True).view(b, s)
     code = torch.where(start_img, img_no, n_img + vid_no).clamp(0, max(n_img + n_vid, 1) - 1)
 
-    # each token's latest group start in its row, that group's table row and the token's offset
-    start_col = torch.where(start, col, -1).cummax(1).values
-    sc = start_col.clamp(min=0)
-    tok_code = code.gather(1, sc)
-    offset = comp - comp.gather(1, sc)
-    tok_len = g_len[tok_code]
-    in_group = (start_col >= 0) & (offset < tok_len)
+    # each token's latest group start in its row: comp is increasing over unpadded tokens, so the
+    # running max of comp at starts is the start's unpadded index (-1: none yet) and its index
+    # the start's column
+    start_comp, start_col = torch.where(start, comp, -1).cummax(1)
+    tok_code = code.gather(1, start_col)
+    offset = comp - start_comp
+    tok = table[tok_code]  # [B, S, 4]
+    tok_len = tok[..., 0]
+    in_group = (start_comp >= 0) & (offset < tok_len)
     if valid is not None:
         in_group &= valid
 
     # positions: text = unpadded index + the (extent - length) of every group so far
-    jump = torch.where(start, g_extent[code] - g_len[code], 0)
+    jump = torch.where(start, table[:, 1][code], 0)
     shift = jump.cumsum(1)
     text_pos = comp + shift
-    base = text_pos - offset - (g_extent[tok_code] - tok_len)
-    hw = (g_h * g_w)[tok_code].clamp(min=1)
-    wm = g_w[tok_code].clamp(min=1)
+    base = text_pos - offset - tok[..., 1]
+    if valid is not None:  # padded slots (never in a group): 0 in 5.x, 1 in 4.x
+        text_pos = torch.where(valid, text_pos, 0 if v5 else 1)
+    hw, wm = tok[..., 2], tok[..., 3]
     frame = offset // hw
     rest = offset - frame * hw
     row = rest // wm
@@ -497,14 +511,12 @@ def _device(call: _Call) -> tuple[Tensor, Tensor]:
         t_idx = frame
     else:
         t_idx = _t_value(frame, g_scale[tok_code], call.tokens_per_second, call.convention, torch)
-    vis_pos = torch.stack((base + t_idx, base + row, base + rest - row * wm))
+    vis_pos = torch.stack((t_idx, row, rest - row * wm)) + base
     pos = torch.where(in_group, vis_pos, text_pos)
-    if valid is not None:
-        pos = torch.where(valid, pos, 0 if v5 else 1)
     n_valid = comp[:, -1:] + 1
-    if v5:  # 5.x: the row's largest position (a video's frames may pass the running position)
-        top = pos.amax(0) if valid is None else torch.where(valid, pos.amax(0), -1)
-        deltas = torch.where(n_valid > 0, top.amax(1, keepdim=True) + 1 - n_valid, 0)
+    if v5:  # 5.x: the row's largest position (a video's frames may pass the running position;
+        # padded slots hold 0, below every unpadded position)
+        deltas = torch.where(n_valid > 0, pos.amax((0, 2)).unsqueeze(1) + 1 - n_valid, 0)
     else:
         deltas = n_valid + shift[:, -1:] - s
 
