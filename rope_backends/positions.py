@@ -70,7 +70,7 @@ CONVENTIONS = ("v5", "v4")
 PATHS = ("auto", "device", "host")
 #: ``path="auto"`` computes GPU inputs of at most this many tokens (``B * S``) on the host: there
 #: the device path is bound by its fixed number of kernel launches, and one transfer costs less.
-HOST_PATH_MAX_TOKENS = 16384
+HOST_PATH_MAX_TOKENS = 32768
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 

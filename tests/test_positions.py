@@ -9,6 +9,7 @@ is checked against transformers' own methods.
 
 from __future__ import annotations
 
+import os
 import random
 import zlib
 from dataclasses import dataclass
@@ -509,6 +510,8 @@ def installed_get_rope_index(variant: str, tokens_per_second=2):
     try:
         import transformers
     except ImportError:
+        if os.environ.get("LANE_DEVICE"):  # a CI lane installs the test extra (transformers 5.x)
+            raise
         return None
     if int(transformers.__version__.split(".")[0]) < 5:
         return None
