@@ -152,6 +152,8 @@ def bench_one(name, spec, variant, device, quick, *, convention="v4", paths=("au
         tokens=spec["batch"] * spec["seq"], images=spec["images"], videos=spec["videos"], frames=spec.get("frames"),
         vision_tokens=int(((batch.input_ids == T.IMAGE) | (batch.input_ids == T.VIDEO)).sum()),
         host_path_max_tokens=positions.HOST_PATH_MAX_TOKENS,
+        # what path="auto" does here (CPU inputs: always the NumPy path)
+        auto_takes="host" if device == "cpu" or spec["batch"] * spec["seq"] <= positions.HOST_PATH_MAX_TOKENS else "device",
         loop_ms=time_ms(loop, device, loop_iters, repeats),
     )
     count = count_cuda_syncs if device == "cuda" else count_host_reads
