@@ -1061,11 +1061,8 @@ _DIRECT = "triton compiled launch"
 
 
 def _direct_triton(d: dict, op: str):
-    """Launch the triton backend's compiled kernel with a plan built up front (mirrors launch._run
-    for a call whose plan needs no split): the floor for the host cost of a call. Not
-    ``JITFunction.run``: that re-derives the specialisation of every argument per call (~40 us on
-    the H100 machine), a floor rb.apply's prepared runner is well below, which would make the
-    overhead target unfailable."""
+    """The triton backend's compiled kernel launched with a plan built up front, as its prepared
+    runner launches it (``launch.launch_floor``): the floor for the host cost of a call."""
     try:
         from .backends.triton import launch
     except Exception as exc:
@@ -1075,52 +1072,16 @@ def _direct_triton(d: dict, op: str):
     else:
         args, originals = args_for_cached(d["q"], d["k"], d["positions"], d["cache"], "neox", None, None, True, 128)
     try:
-        plan = launch.plan_for(args)
-        kernel = launch._kernel()
+        run_ = launch.launch_floor(args)
     except Exception as exc:
         raise Skip(f"triton direct launch unavailable: {type(exc).__name__}: {exc}") from None
-    if plan is None or getattr(plan, "contiguous_cos", False) or getattr(plan, "dummy_cache", False):
-        raise Skip("this call is not a single plain launch")
-    if args.cache is None:
-        extra = (args.cos, args.sin, None, None, None)
-    else:
-        extra = (None, None, args.positions, args.cache, None)
+    if op == "apply":
+        return run_
 
-    def pointers(tensors, outs):
-        k, ko = (tensors[1], outs[1]) if len(tensors) == 2 else (None, None)
-        return (tensors[0], outs[0], k, ko, *extra)
-    tensors = args.tensors
-    ptrs = pointers(tensors, tensors if args.inplace else tuple(torch.empty_like(t) for t in tensors))
-    q = ptrs[0]
-    ints, grid, meta = plan.ints, plan.grid, plan.meta
-    # JITFunction.run compiles and also launches: in place, on scratch copies, or the floor would
-    # have rotated its inputs once before its output is checked (it read "not bit-exact")
-    scratch = tuple(t.clone() for t in tensors) if args.inplace else None
-    first = pointers(scratch, scratch) if scratch else ptrs
-    compiled = kernel.run(*first, *ints, grid=grid, warmup=False, **meta)
-    del first, scratch
-    try:
-        launcher = compiled[grid]
-    except Exception as exc:
-        raise Skip(f"this Triton's compiled kernel has no launcher: {type(exc).__name__}: {exc}") from None
-    raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    current = getattr(torch._C, "_cuda_getDevice", None)
-    tail = plan.tail
-    if raw_stream is None or current is None:
-        raise Skip("torch has no raw CUDA stream query here")
-
-    if args.inplace:
-        def run_():
-            launcher(*ptrs, *tail, stream=raw_stream(current()))
-            return originals
-    else:  # out of place: a hand-written call allocates its output too, as rb.apply does
-        empty_like, rest = torch.empty_like, ptrs[2:]
-
-        def run_():
-            out = empty_like(q)
-            launcher(q, out, *rest, *tail, stream=raw_stream(current()))
-            return (out,)
-    return run_
+    def run_cached():
+        run_()
+        return originals
+    return run_cached
 
 
 def _rope_index_rows(device: torch.device, skipped: list, progress: Progress) -> list[dict]:

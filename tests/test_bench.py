@@ -316,7 +316,13 @@ def test_direct_launch_floor_runs_once_per_call(monkeypatch, op):
     1 to its outputs; after building, the inputs are untouched, and one call adds exactly 1."""
     from rope_backends.backends.triton import launch
 
+    live = {}  # address -> tensor: the launch functions get addresses, as Triton's take them
+
     def bump(ptrs):  # out = in + 1 for (q, qo) and (k, ko)
+        ptrs = [live.get(p, p) if isinstance(p, int) else p for p in ptrs]
+        for t in ptrs:
+            if isinstance(t, torch.Tensor):
+                live[t.data_ptr()] = t
         for i, o in ((ptrs[0], ptrs[1]), (ptrs[2], ptrs[3])):
             if o is not None:
                 o.copy_(i + 1)
@@ -326,17 +332,34 @@ def test_direct_launch_floor_runs_once_per_call(monkeypatch, op):
             return lambda *ptrs, stream=None: bump(ptrs)
 
     class Kernel:
+        run_calls = 0
+
         def run(self, *ptrs, grid=None, warmup=False, **meta):
             bump(ptrs)
             return Compiled()
 
-    monkeypatch.setattr(launch, "_kernel", lambda: Kernel())
-    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 0, raising=False)
-    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
+    kernel = Kernel()
+    launch._kernel()  # the real kernel's parameter names first
+    monkeypatch.setattr(launch, "_KERNEL", kernel)
+    monkeypatch.setattr(launch, "_PLANS", {})
+    monkeypatch.setattr(launch, "_RAW", [False])
+    monkeypatch.setattr(launch.platform, "triton_interpret", lambda: False)
+    monkeypatch.setattr(launch, "_raw_stream", lambda device: 0)
+    monkeypatch.setattr(launch, "_current_device", lambda: 0)
+    real_empty_like = torch.empty_like
+
+    def recorded_empty_like(t, *a, **kw):  # outputs made per call: known to the stand-in by address
+        out = real_empty_like(t, *a, **kw)
+        live[out.data_ptr()] = out
+        return out
+    monkeypatch.setattr(torch, "empty_like", recorded_empty_like)
     case = next(c for c in bm._dispatch_cases(torch.device("cpu")) if c.op == op)
     d = case.make(0)
     before = {k: v.clone() for k, v in d.items() if isinstance(v, torch.Tensor)}
     run = bm._direct_triton(d, op)
+    for t in d.values():
+        if isinstance(t, torch.Tensor):
+            live[t.data_ptr()] = t
     for key, value in before.items():
         assert torch.equal(d[key], value), f"{key} changed while the floor was built"
     outs = run()
