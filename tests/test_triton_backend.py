@@ -653,3 +653,41 @@ def test_kernel_source_has_no_unary_minus_on_values():
     bad = [f"line {n.lineno}" for n in ast.walk(tree)
            if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub) and not isinstance(n.operand, ast.Constant)]
     assert not bad, f"unary minus on a value in kernel.py at {bad}"
+
+
+def test_tuner_end_to_end_with_stand_in_timing(monkeypatch, tmp_path):
+    """``python -m rope_backends tune``'s logic on tiny workloads under the interpreter: every
+    candidate is checked bit-exact before it is timed, the chosen params per class are the ones
+    with the least slowdown over the class's workloads, and the document it writes is a table the
+    lookup accepts. The GPU timing is a stand-in (here: fewer programs are faster)."""
+    from rope_backends.backends.triton import tune
+
+    class Props:
+        name, major, minor, multi_processor_count, L2_cache_size = "NVIDIA Stand-in", 9, 0, 4, 1 << 20
+
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Props())
+    monkeypatch.setattr(tune, "_sets", lambda w, device: 1)
+    timed = []
+
+    def fake_time(fns, nbytes):
+        tile = launch._FORCED
+        timed.append(tile)
+        return 10.0 / (tile.block_t * tile.block_h) + 0.01 * tile.num_warps
+
+    monkeypatch.setattr(tune, "_time_us", fake_time)
+    monkeypatch.setattr(tune, "WORKLOADS", (
+        tune.Workload("tiny interleaved", "apply", (1, 80, 4, 32), layout="interleaved"),
+        tune.Workload("tiny q+k", "apply_qk", (80, 4, 32), 2, inplace=True),
+        tune.Workload("tiny decode", "apply_cached", (2, 4, 32), 2, inplace=True),
+    ))
+    doc = tune.tune(torch.device("cpu"), jobs=1, log=lambda *a: None)
+    assert timed and launch._FORCED is None
+    assert {r["workload"] for r in doc["workloads"]} == {"tiny interleaved", "tiny q+k", "tiny decode"}
+    for r in doc["workloads"]:
+        assert all(t[-1] is not None for t in r["tried"]), r  # every tile bit-exact
+        assert r["best_us"] <= r["rule_us"]
+    entries = tuning.parse_table(json.loads(json.dumps(doc)), "tuned")
+    assert {c.size for c in entries} == {"small", "decode"} and len(entries) == 3
+    assert "| tiny q+k |" in tune.table_markdown(doc)
