@@ -125,16 +125,50 @@ def host() -> dict:
     return out
 
 
+def breakdown() -> dict:
+    """The pieces of a repeated rb.apply_cached (T = 1, in place) on this host, each alone."""
+    from rope_backends import dispatch
+
+    out = {}
+    qkv = torch.randn(1, 48 * 128, device=DEV).bfloat16()
+    q, k = qkv[:, :4096], qkv[:, 4096:5120]
+    pos = torch.tensor([17], device=DEV)
+    cache = rb.cos_sin_cache(4096, 128, device=DEV)
+    rb.apply_cached(q, k, pos, cache, head_dim=128)
+    key = next(kk for kk in dispatch._RUNNERS if kk[0] == "apply_cached")
+    run = dispatch._RUNNERS[key]
+    out["runner(tensors) alone"] = host_us(lambda: run((q, k), pos, cache))
+    out["dispatch._runner(key)"] = host_us(lambda: dispatch._runner(key))
+    out["dispatch._negated x4"] = host_us(lambda: dispatch._negated(q, k, pos, cache))
+    out["dispatch._may_take_runner"] = host_us(lambda: dispatch._may_take_runner(True, False))
+    out["is_compiling"] = host_us(torch.compiler.is_compiling)
+    out["q.shape + q.stride() + q.dtype + q.device"] = host_us(lambda: (q.shape, q.stride(), q.dtype, q.device))
+    out["q.device"] = host_us(lambda: q.device)
+    out["q.data_ptr()"] = host_us(q.data_ptr)
+    out["torch._C._cuda_getDevice()"] = host_us(torch._C._cuda_getDevice)
+    out["increment_version((q, k))"] = host_us(lambda: torch._C._increment_version((q, k)))
+    out["empty_like(q)"] = host_us(lambda: torch.empty_like(q))
+    for k_, v in out.items():
+        print(f"{k_:55s} {v:8.3f} us", flush=True)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--only", default="host,breakdown,casts", help="comma list of sections")
     args = parser.parse_args()
+    only = args.only.split(",")
     doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     import triton
 
     doc["triton"] = triton.__version__
-    doc["host"] = host()
-    doc["casts"] = casts()
+    if "host" in only:
+        doc["host"] = host()
+    if "breakdown" in only:
+        doc["breakdown"] = breakdown()
+    if "casts" in only:
+        doc["casts"] = casts()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "triton-kernel-study.json").write_text(json.dumps(doc, indent=1))
     return 0
