@@ -67,7 +67,7 @@ if [[ $stages == *,tune,* ]]; then
   cp ~/.cache/rope_backends/triton-tiles/*.json "$out/" 2>/dev/null
 fi
 if [[ $stages == *,study,* ]]; then
-  run study 240 "$py" bench/studies/triton_kernel.py --out "$out"
+  run study 240 "$py" bench/studies/triton_kernel.py --out "$out" ${STUDY_ARGS:-}
 fi
 if [[ $stages == *,bench,* ]]; then
   TAIL=120 run bench 560 "$py" -m bench --device cuda --groups diffusion,qk,llm,mrope,backward,dispatch \
