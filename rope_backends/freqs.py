@@ -12,7 +12,7 @@ This module must not import transformers and holds no scaling formulas of its ow
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -21,7 +21,7 @@ from .rope_config import RopeConfig, _tables, rope_config
 
 __all__ = ["inv_freq", "cos_sin", "cos_sin_cache", "cos_sin_3d", "wan_dims"]
 
-Scaling = float | Mapping[str, object] | None
+Scaling = Union[float, Mapping[str, object], None]
 
 
 def _check_rotary_dim(rotary_dim: object) -> int:

@@ -717,7 +717,7 @@ def _via_host(call: _Call) -> tuple[Tensor, Tensor]:
     host_values = {n: t for n, t in given.items() if _resident(t)}
     remote = {n: t for n, t in given.items() if not _resident(t)}
     if remote:
-        packed = _pack(list(remote.values())).cpu()  # the one sync
+        packed = _pack([t.to(dev) for t in remote.values()]).cpu()  # the one sync
         host_values.update(zip(remote, _unpack(packed, list(remote.values()))))
     pos, deltas = _host(replace(call, **host_values))
     out = torch.empty(pos.numel() + deltas.numel(), dtype=torch.int64, pin_memory=dev.type == "cuda")
