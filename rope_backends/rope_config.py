@@ -545,6 +545,18 @@ def rope_config(
         if isinstance(config, Mapping):
             raise ValueError("scaling: expected None when config is a dict (pass the rope parameters once), got a dict")
 
+    # transformers 4.x Gemma-3 style: one flat rope_scaling for the global layers, and
+    # rope_local_base_freq (default rope) for the sliding ones
+    local_base = _attr(cfg_obj, "rope_local_base_freq") if cfg_obj is not None else None
+    if local_base is not None and not (raw and _is_nested(raw, labels)):
+        if layer_type not in ("full_attention", "sliding_attention"):
+            raise ValueError(
+                "layer_type: expected 'full_attention' or 'sliding_attention' (the config sets rope_local_base_freq "
+                f"for its sliding layers), got {layer_type!r}"
+            )
+        if layer_type == "sliding_attention":
+            raw, where = {"rope_type": "default", "rope_theta": local_base}, "config.rope_local_base_freq"
+            cfg_theta = local_base
     # the flat rope dict this layer reads
     flat: dict[str, Any] = {}
     if raw:

@@ -317,6 +317,15 @@ def test_plain_dict_config_object_and_4x_object_agree():
         rope_scaling=dict(LLAMA31_8B["rope_scaling"]),
     )
     from_legacy = rb.rope_config(legacy)
+    gemma3_4x = SimpleNamespace(  # transformers 4.x Gemma-3: sliding layers read rope_local_base_freq
+        head_dim=256, rope_theta=1e6, rope_local_base_freq=1e4, max_position_embeddings=32768,
+        rope_scaling={"factor": 8.0, "rope_type": "linear"}, layer_types=["sliding_attention", "full_attention"],
+    )
+    five = build("gemma3_4b")[0]
+    for lt in ("full_attention", "sliding_attention"):
+        assert rb.rope_config(gemma3_4x, layer_type=lt) == rb.rope_config(five, layer_type=lt)
+    with pytest.raises(ValueError, match="^layer_type: expected 'full_attention' or 'sliding_attention'"):
+        rb.rope_config(gemma3_4x)
     for other in (from_dict, from_scaling, from_legacy):
         assert torch.equal(other.inv_freq(), from_object.inv_freq())
         assert other.rotary_dim == 128 and other.base == 500000.0 and other.rope_type == "llama3"
