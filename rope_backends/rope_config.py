@@ -463,6 +463,62 @@ def _validated_params(kind: str, raw: Mapping[str, Any], where: str, rotary_dim:
     return out
 
 
+@dataclass
+class _Sources:
+    """What a config object (or a dict) says, before it is checked."""
+
+    raw: Mapping[str, Any] | None = None
+    where: str = "config"
+    labels: Sequence[str] | None = None
+    obj: Any = None
+    head_dim: Any = None
+    prf: Any = None
+    theta: Any = None
+    max_pos: Any = None
+    original: Any = None
+
+
+def _object_sources(config: Any, layer_type: str | None) -> _Sources:
+    """Read a transformers config object by attribute (5.x or 4.x, text sub-config first)."""
+    obj = config
+    getter = _attr(config, "get_text_config")
+    if callable(getter):
+        try:
+            obj = getter()
+        except Exception:  # noqa: BLE001 -- some configs refuse; read the object itself
+            obj = config
+    sub = obj  # per-layer values (Gemma-4: head_dim differs by layer type)
+    per_layer = _attr(obj, "per_layer_config")
+    if layer_type is not None and per_layer is not None:
+        try:
+            sub = per_layer[layer_type]
+        except Exception:  # noqa: BLE001 -- not heterogeneous for this key
+            sub = obj
+    raw, where = _attr(obj, "rope_parameters"), "config.rope_parameters"
+    if not raw:  # transformers 4.x
+        raw, where = _attr(obj, "rope_scaling"), "config.rope_scaling"
+    if raw is not None and not isinstance(raw, Mapping):
+        raise TypeError(f"{where}: expected a dict or None, got {type(raw).__name__}")
+    names = ("rope_parameters", "rope_scaling", "rope_theta", "head_dim", "hidden_size", "max_position_embeddings")
+    if raw is None and all(_attr(obj, n) is None for n in names):
+        raise TypeError(
+            f"config: expected a transformers config object, a rope_parameters / rope_scaling dict or None, "
+            f"got {type(config).__name__} (it has none of {list(names)})"
+        )
+    head = _attr(sub, "head_dim")
+    if not head:
+        hidden, heads = _attr(sub, "hidden_size"), _attr(sub, "num_attention_heads")
+        head = hidden // heads if _is_int(hidden) and _is_int(heads) and heads else None
+    theta = _attr(obj, "rope_theta")
+    if theta is None:
+        theta = _attr(type(obj), "default_theta")
+    return _Sources(
+        raw=raw, where=where, labels=_attr(obj, "_rope_type_labels") or _attr(obj, "layer_types") or None, obj=obj,
+        head_dim=head, prf=_attr(obj, "partial_rotary_factor"), theta=theta,
+        max_pos=_attr(sub, "max_position_embeddings"), original=_attr(obj, _ORIGINAL),
+    )
+
+
 def rope_config(
     config: Any = None,
     *,
@@ -491,48 +547,12 @@ def rope_config(
         plain arguments, or added to a config object whose own rope type is ``default``
         (e.g. YaRN for Qwen2.5, which ships without it).
     """
-    where = "config"
-    raw: Mapping[str, Any] | None = None
-    labels: Sequence[str] | None = None
-    cfg_head = cfg_prf = cfg_theta = cfg_max = None
-    cfg_obj = None
-    if config is not None and not isinstance(config, Mapping):
-        cfg_obj = config
-        getter = _attr(config, "get_text_config")
-        if callable(getter):
-            try:
-                cfg_obj = getter()
-            except Exception:  # noqa: BLE001 -- some configs refuse; read the object itself
-                cfg_obj = config
-        sub = cfg_obj
-        per_layer = _attr(cfg_obj, "per_layer_config")
-        if layer_type is not None and per_layer is not None:
-            try:
-                sub = per_layer[layer_type]
-            except Exception:  # noqa: BLE001 -- not heterogeneous for this key
-                sub = cfg_obj
-        raw = _attr(cfg_obj, "rope_parameters")
-        where = "config.rope_parameters"
-        if not raw:  # transformers 4.x
-            raw = _attr(cfg_obj, "rope_scaling")
-            where = "config.rope_scaling"
-        if raw is not None and not isinstance(raw, Mapping):
-            raise TypeError(f"{where}: expected a dict or None, got {type(raw).__name__}")
-        labels = _attr(cfg_obj, "_rope_type_labels") or _attr(cfg_obj, "layer_types") or None
-        cfg_head = _attr(sub, "head_dim")
-        if not cfg_head:
-            hidden, heads = _attr(sub, "hidden_size"), _attr(sub, "num_attention_heads")
-            cfg_head = hidden // heads if _is_int(hidden) and _is_int(heads) and heads else None
-        cfg_prf = _attr(cfg_obj, "partial_rotary_factor")
-        cfg_theta = _attr(cfg_obj, "rope_theta")
-        if cfg_theta is None:
-            cfg_theta = _attr(type(cfg_obj), "default_theta")
-        cfg_max = _attr(sub, "max_position_embeddings")
-        original_attr = _attr(cfg_obj, _ORIGINAL)
-    elif isinstance(config, Mapping):
-        raw, original_attr = config, None
-    elif config is None:
-        raw, original_attr = None, None
+    if config is None or isinstance(config, Mapping):
+        src = _Sources(raw=config, where="config")
+    else:
+        src = _object_sources(config, layer_type)
+    raw, where, labels, cfg_obj = src.raw, src.where, src.labels, src.obj
+    cfg_head, cfg_prf, cfg_theta, cfg_max, original_attr = src.head_dim, src.prf, src.theta, src.max_pos, src.original
     if isinstance(scaling, RopeConfig):
         raise TypeError("scaling: expected None, a float (linear factor) or a rope_scaling dict, got RopeConfig")
     if scaling is not None:

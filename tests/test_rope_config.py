@@ -440,6 +440,7 @@ MINISTRAL3 = {  # mistralai Ministral-3 style rope_parameters: a query-scaling k
     (dict(rotary_dim=7), ValueError, r"^rotary_dim: expected an even int"),
     (dict(rotary_dim=8, base=-1.0), ValueError, r"^base: expected a positive number"),
     (dict(rotary_dim=8, scaling="yarn"), TypeError, r"^scaling: expected None, a float"),
+    (dict(config="Qwen/Qwen3-8B", rotary_dim=8), TypeError, r"^config: expected a transformers config object"),
     (dict(config={"rope_type": "default", "rope_theta": "1e4"}, rotary_dim=8), ValueError, r"^config\['rope_theta'\]"),
     (dict(config={"rope_type": "default", "partial_rotary_factor": 1.5}, rotary_dim=8), ValueError,
      r"^config\['partial_rotary_factor'\]: expected a number in \(0, 1\]"),
