@@ -224,14 +224,17 @@ def test_matches_model_rotary_embedding(model, layer_type):
 
 @pytest.mark.parametrize("model,layer_type", CASES, ids=[f"{m}-{lt}" if lt else m for m, lt in CASES])
 def test_matches_rope_init_functions(model, layer_type):
-    """transformers' own ROPE_INIT_FUNCTIONS entry, called on the config (every non-default type)."""
-    config, _ = build(model)
+    """transformers' functions called directly on the config: the ROPE_INIT_FUNCTIONS entry of
+    every non-default type, the model's compute_default_rope_parameters for ``default``."""
+    config, emb = build(model)
     cfg = rb.rope_config(config, layer_type=layer_type)
-    if cfg.rope_type == "default":
-        pytest.skip("default frequencies come from the model class (test_matches_model_rotary_embedding)")
     sub = config.per_layer_config[layer_type] if model.startswith("gemma4") else config
+    kwargs = {"layer_type": layer_type} if layer_type else {}
     for seq_len in [None] + MODELS[model][4]:
-        inv, attention = ROPE_INIT_FUNCTIONS[cfg.rope_type](sub, None, seq_len=seq_len, layer_type=layer_type)
+        if cfg.rope_type == "default":  # signatures differ by model: config plus keywords
+            inv, attention = type(emb).compute_default_rope_parameters(sub, **kwargs)
+        else:
+            inv, attention = ROPE_INIT_FUNCTIONS[cfg.rope_type](sub, None, seq_len=seq_len, **kwargs)
         assert_close_freqs(cfg.inv_freq(seq_len), inv)
         assert math.isclose(cfg.attention_factor(seq_len), attention, rel_tol=1e-12)
 
