@@ -92,6 +92,12 @@ def test_linear():
     assert_bitwise_equal(rb.cos_sin(POS, 64, scaling=2.0)[0], table(POS, hf_linear(64, 10000.0, 2.0))[0])
     cos, _ = rb.cos_sin(POS, 128, scaling={"type": "linear", "factor": 3.0})
     assert_bitwise_equal(cos, table(POS, hf_linear(128, 10000.0, 3.0))[0])
+    far = torch.arange(0, 200000, 3)  # where dividing the position instead differs (1 in ~1e5 entries)
+    for factor, dim, base in ((1.5, 128, 1e4), (2.5, 96, 5e5)):
+        got = rb.cos_sin(far, dim, base, {"rope_type": "linear", "factor": factor})
+        want = table(far, hf_linear(dim, base, factor))
+        assert_bitwise_equal(got[0], want[0])
+        assert_bitwise_equal(got[1], want[1])
 
 
 @pytest.mark.parametrize("seq_len", [100, 4096, 40000])
@@ -132,6 +138,10 @@ def test_yarn():
         want_cos, want_sin = table(POS, inv, attention)
         assert_bitwise_equal(cos, want_cos)
         assert_bitwise_equal(sin, want_sin)
+    far = torch.arange(0, 200000, 3)
+    scaling = {"rope_type": "yarn", "factor": 2.5, "original_max_position_embeddings": 4096}
+    inv, attention = hf_yarn(96, 5e5, 2.5, 4096)
+    assert_bitwise_equal(rb.cos_sin(far, 96, 5e5, scaling)[0], table(far, inv, attention)[0])
 
 
 def test_shapes_dtypes_devices():
