@@ -721,7 +721,7 @@ def test_tuner_end_to_end_with_stand_in_timing(monkeypatch, tmp_path):
         tune.Workload("tiny interleaved", "apply", (1, 80, 4, 32), layout="interleaved"),
         tune.Workload("tiny q+k", "apply_qk", (80, 4, 32), 2, inplace=True),
         tune.Workload("tiny decode", "apply_cached", (2, 4, 32), 2, inplace=True),
-        tune.Workload("tiny mrope", "apply_cached", (80, 4, 32), 2, inplace=True, mrope=(6, 5, 5)),
+        tune.Workload("tiny mrope", "apply_cached", (24, 2, 32), 1, inplace=True, mrope=(6, 5, 5)),
     ))
     doc = tune.tune(torch.device("cpu"), jobs=1, log=lambda *a: None)
     assert timed and launch._FORCED is None
