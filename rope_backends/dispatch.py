@@ -159,6 +159,49 @@ def _keep(key: tuple | None, run: Callable | None, generation: int, guard: Calla
     _RUNNERS[key] = (generation, run, guard)
 
 
+# The last few signatures of each public call, checked in C++: torch's TensorGuards (what dynamo
+# guards compiled graphs with) compares every tensor's type, dispatch keys (so torch's negative bit
+# too), dtype, device, sizes, strides and grad flag in one call, ~4x cheaper than building the
+# signature tuple and hashing it. A hit runs the same kept runner as the signature lookup (same
+# generation rule, same memory guard); a miss takes the signature path, which stays the reference.
+try:
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except Exception:  # a torch without it: the signature path alone
+    _TensorGuards = None
+_RECENT_SIZE = 4
+_RECENT_APPLY: list = []
+_RECENT_QK: list = []
+_RECENT_CACHED: list = []
+
+
+def _remember_recent(recent: list, key: tuple | None, opts: tuple, tensors: tuple) -> None:
+    """Put the runner just kept under ``key`` at the front of ``recent`` with a guard of these
+    tensors' metadata and the call's other options."""
+    if key is None or _TensorGuards is None:
+        return
+    entry = _RUNNERS.get(key)
+    if entry is None:
+        return
+    try:
+        guards = _TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
+                               dynamic_dims_strides=[list(t.stride()) for t in tensors])
+    except Exception:  # this torch's TensorGuards takes other arguments: the signature path alone
+        return
+    recent.insert(0, (opts, guards, entry))
+    del recent[_RECENT_SIZE:]
+
+
+def _apply_opts(layout, rotary_dim, inplace, backend) -> tuple:
+    """Everything but the tensors that a table call's runner depends on (as the signature has it)."""
+    return (layout, rotary_dim.__class__, rotary_dim, inplace, backend, _grad_enabled(), _override_context.get(),
+            _env_raw(), _debug_raw())
+
+
+def _cached_opts(layout, rotary_dim, mrope, inplace, head_dim, backend, no_k) -> tuple:
+    return (layout, rotary_dim.__class__, rotary_dim, mrope, inplace, head_dim.__class__, head_dim, backend,
+            _grad_enabled(), _override_context.get(), _env_raw(), _debug_raw(), no_k)
+
+
 def _eager_autograd(key: tuple | None, args: RopeArgs, backend: str | None,
                     rotated: tuple, read: tuple) -> Callable | None:
     """The runner for an out-of-place table call that needs a gradient, in eager mode: a plain
@@ -251,6 +294,17 @@ def apply(
     AD) and usable under ``torch.func`` transforms (vmap, grad, jvp, jacrev, jacfwd).
     """
     compiling = _is_compiling()  # dynamo folds it; is_neg() cannot be traced
+    if _RECENT_APPLY and _may_take_runner(inplace, compiling):
+        opts = _apply_opts(layout, rotary_dim, inplace, backend)
+        try:
+            for e_opts, guards, entry in _RECENT_APPLY:
+                if e_opts == opts and entry[0] == _GENERATION[0] and guards.check(x, cos, sin):
+                    if entry[2] is None or entry[2](x, cos, sin):
+                        out = entry[1]((x,), cos, sin)[0]
+                        return x if inplace else out
+                    break
+        except (TypeError, AttributeError, RuntimeError):  # not tensors: the full checks say why
+            pass
     if not compiling and _negated(x, cos, sin):
         x, cos, sin = _without_negative_bit((("x", x), ("cos", cos), ("sin", sin)), 1, inplace)
     key = None
@@ -280,6 +334,7 @@ def apply(
     if _through_ops(args):
         run = None if compiling or _traced() else _eager_autograd(key, args, backend, (x,), (cos, sin))
         if run is not None:
+            _remember_recent(_RECENT_APPLY, key, _apply_opts(layout, rotary_dim, inplace, backend), (x, cos, sin))
             return run((x,), cos, sin)[0]
         name = _op_backend(args, backend)
         fixed = (args.cos, args.sin, args.layout.value, args.rotary_dim, False, name)
@@ -287,7 +342,9 @@ def apply(
             torch.ops.rope_backends.rope_(x, *fixed)
             return x
         return torch.ops.rope_backends.rope(x, *fixed)
-    return _run_and_remember(key, args, backend, (x,), (cos, sin))[0]
+    out = _run_and_remember(key, args, backend, (x,), (cos, sin))[0]
+    _remember_recent(_RECENT_APPLY, key, _apply_opts(layout, rotary_dim, inplace, backend), (x, cos, sin))
+    return out
 
 
 def apply_qk(
@@ -306,6 +363,17 @@ def apply_qk(
     cos/sin must broadcast against both. q and k share no element (views of disjoint columns of
     one fused buffer are fine). Differentiable w.r.t. q and k, like :func:`apply`."""
     compiling = _is_compiling()  # dynamo folds it; is_neg() cannot be traced
+    if _RECENT_QK and _may_take_runner(inplace, compiling):
+        opts = _apply_opts(layout, rotary_dim, inplace, backend)
+        try:
+            for e_opts, guards, entry in _RECENT_QK:
+                if e_opts == opts and entry[0] == _GENERATION[0] and guards.check(q, k, cos, sin):
+                    if entry[2](q, k, cos, sin) if inplace else entry[2](q, k):
+                        q_out, k_out = entry[1]((q, k), cos, sin)
+                        return (q, k) if inplace else (q_out, k_out)
+                    break
+        except (TypeError, AttributeError, RuntimeError):
+            pass
     if not compiling and _negated(q, k, cos, sin):
         q, k, cos, sin = _without_negative_bit((("q", q), ("k", k), ("cos", cos), ("sin", sin)), 2, inplace)
     key = None
@@ -335,6 +403,7 @@ def apply_qk(
     if _through_ops(args):
         run = None if compiling or _traced() else _eager_autograd(key, args, backend, (q, k), (cos, sin))
         if run is not None:
+            _remember_recent(_RECENT_QK, key, _apply_opts(layout, rotary_dim, inplace, backend), (q, k, cos, sin))
             q_out, k_out = run((q, k), cos, sin)
             return q_out, k_out
         name = _op_backend(args, backend)
@@ -345,6 +414,7 @@ def apply_qk(
         q_out, k_out = torch.ops.rope_backends.rope_qk(q, k, *fixed)
         return q_out, k_out
     q_out, k_out = _run_and_remember(key, args, backend, (q, k), (cos, sin))
+    _remember_recent(_RECENT_QK, key, _apply_opts(layout, rotary_dim, inplace, backend), (q, k, cos, sin))
     return q_out, k_out
 
 
@@ -379,6 +449,29 @@ def apply_cached(
     cache that requires grad is refused with grad enabled (gradients flow to q and k only).
     """
     compiling = _is_compiling()  # dynamo folds it; is_neg() cannot be traced
+    if _RECENT_CACHED and _may_take_runner(inplace, compiling):
+        opts = _cached_opts(layout, rotary_dim, mrope, inplace, head_dim, backend, k is None)
+        try:
+            for e_opts, guards, entry in _RECENT_CACHED:
+                if e_opts != opts or entry[0] != _GENERATION[0]:
+                    continue
+                guard = entry[2]
+                if k is None:
+                    if not guards.check(q, positions, cos_sin_cache):
+                        continue
+                    fits = guard is None or guard(q, positions, cos_sin_cache)
+                else:
+                    if not guards.check(q, k, positions, cos_sin_cache):
+                        continue
+                    fits = guard(q, k, positions, cos_sin_cache) if inplace else guard(q, k)
+                if fits:
+                    outs = entry[1]((q,) if k is None else (q, k), positions, cos_sin_cache)
+                    if inplace:
+                        return q, k
+                    return outs[0], (outs[1] if k is not None else None)
+                break
+        except (TypeError, AttributeError, RuntimeError):
+            pass
     if not compiling and _negated(q, k, positions, cos_sin_cache):
         q, k, positions, cos_sin_cache = _without_negative_bit(
             (("q", q), ("k", k), ("positions", positions), ("cos_sin_cache", cos_sin_cache)), 2, inplace)
@@ -448,6 +541,10 @@ def apply_cached(
         remember = inplace or all(a is b for a, b in zip(originals, args.tensors))
         outs = _run_and_remember(key if remember else None, args, backend, tuple(originals),
                                  (args.positions, args.cache), position_range_checked(args.positions))
+        if remember:
+            _remember_recent(_RECENT_CACHED, key, _cached_opts(layout, rotary_dim, mrope, inplace, head_dim, backend,
+                                                               k is None),
+                             (q, positions, cos_sin_cache) if k is None else (q, k, positions, cos_sin_cache))
     if inplace:
         return originals[0], (originals[1] if k is not None else None)
     q_out = outs[0].view(originals[0].shape)

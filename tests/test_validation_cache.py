@@ -120,3 +120,78 @@ def test_partial_rotary_values_are_read_only_where_that_costs_no_sync(monkeypatc
         assert not spec.values_readable(device_tensor)
         monkeypatch.setenv("ROPE_BACKENDS_DEBUG", "1")
         assert spec.values_readable(device_tensor)
+
+
+# ---- the C++-guarded recent-signature path of the dispatcher ---------------------------------
+
+class _CountingDict(dict):
+    """The dispatcher's runner table, counting lookups: a hit on the recent-signature path makes
+    none."""
+
+    gets = 0
+
+    def get(self, key, default=None):
+        type(self).gets += 1
+        return super().get(key, default)
+
+
+def _fast_path_available():
+    from rope_backends import dispatch
+
+    return dispatch._TensorGuards is not None
+
+
+def test_recent_signatures_skip_the_signature_lookup(monkeypatch):
+    from rope_backends import dispatch
+
+    if not _fast_path_available():
+        pytest.skip("this torch has no torch._C._dynamo.guards.TensorGuards: the signature path alone")
+    monkeypatch.setattr(dispatch, "_RUNNERS", _CountingDict())
+    monkeypatch.setattr(dispatch, "_RECENT_APPLY", [])
+    monkeypatch.setattr(dispatch, "_RECENT_CACHED", [])
+    x, cos, sin = _inputs()
+    first = rb.apply(x, cos, sin, rotary_dim=16)
+    _CountingDict.gets = 0
+    for _ in range(3):
+        again = rb.apply(x.clone(), cos.clone(), sin.clone(), rotary_dim=16)  # other tensors, same metadata
+    assert _CountingDict.gets == 0 and torch.equal(again, first)
+    q, k = torch.randn(5, 4 * 16), torch.randn(5, 2 * 16)
+    cache, pos = rb.cos_sin_cache(8, 16), torch.arange(5)
+    rb.apply_cached(q.clone(), k.clone(), pos, cache, head_dim=16)
+    _CountingDict.gets = 0
+    rb.apply_cached(q.clone(), k.clone(), pos, cache, head_dim=16)
+    assert _CountingDict.gets == 0
+
+
+@pytest.mark.parametrize("change", ["negative view", "dtype", "strides", "grad", "option", "registry"])
+def test_recent_signatures_never_serve_another_call(change, monkeypatch):
+    """What the C++ guard or the options tuple must tell apart from the recorded call: each change
+    takes the full path (the lookup runs) and gives the reference's result."""
+    from rope_backends import dispatch, reference
+    from rope_backends.spec import Layout, RopeArgs
+
+    if not _fast_path_available():
+        pytest.skip("this torch has no torch._C._dynamo.guards.TensorGuards: the signature path alone")
+    monkeypatch.setattr(dispatch, "_RUNNERS", _CountingDict())
+    monkeypatch.setattr(dispatch, "_RECENT_APPLY", [])
+    x, cos, sin = _inputs()
+    rb.apply(x, cos, sin, rotary_dim=16)
+    _CountingDict.gets = 0
+    kw = {"rotary_dim": 16}
+    if change == "negative view":
+        x = torch._neg_view(x.clone())
+    elif change == "dtype":
+        x = x.double().float().half()
+    elif change == "strides":
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    elif change == "grad":
+        x = x.clone().requires_grad_()
+    elif change == "option":
+        kw["layout"] = "interleaved"
+    else:
+        rb.registry.invalidate()
+    got = rb.apply(x, cos, sin, **kw)
+    assert _CountingDict.gets >= 1, "the recent-signature path served a call it must not"
+    lay = Layout(kw.get("layout", "neox"))
+    want = reference.run(RopeArgs((x.detach().resolve_neg(),), False, lay, 16, cos=cos, sin=sin))[0]
+    assert torch.equal(got.detach(), want)
