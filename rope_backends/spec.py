@@ -563,7 +563,9 @@ def _signature(tensors: tuple[tuple[str, object], ...], cos: object, sin: object
     if (rotary_dim is not None and type(rotary_dim) is not int) or type(inplace) is not bool:
         return None  # 1 == True as a key: only exact ints and bools may share a signature
     try:
-        key = (layout, rotary_dim, inplace, torch.is_grad_enabled(),
+        # debug_checks(): whether a GPU table's values may be read (the partial-rotary check), so a
+        # signature validated without it is not taken for one with it
+        key = (layout, rotary_dim, inplace, torch.is_grad_enabled(), debug_checks(),
                cos.shape, cos.stride(), cos.dtype, cos.device, cos.requires_grad,
                sin.shape, sin.stride(), sin.dtype, sin.device, sin.requires_grad)
         for _, t in tensors:

@@ -195,3 +195,24 @@ def test_recent_signatures_never_serve_another_call(change, monkeypatch):
     lay = Layout(kw.get("layout", "neox"))
     want = reference.run(RopeArgs((x.detach().resolve_neg(),), False, lay, 16, cos=cos, sin=sin))[0]
     assert torch.equal(got.detach(), want)
+
+
+def test_debug_mode_is_part_of_the_validated_signature(monkeypatch):
+    """On a GPU the partial-rotary value check runs only with ROPE_BACKENDS_DEBUG=1. A signature
+    validated without it must not let the same signature through unchecked once it is set (found on
+    the H200: the eager backend on CUDA passed a duplicated-form table in debug mode)."""
+    from rope_backends import dispatch
+
+    # pretend these CPU tensors are a GPU's: values readable only in debug mode
+    monkeypatch.setattr(spec, "values_readable", lambda t: spec.debug_checks())
+    monkeypatch.setattr(dispatch, "_RECENT_APPLY", [])
+    spec._TABLE_SIGNATURES.clear()
+    dispatch._RUNNERS.clear()
+    x = torch.randn(4, 2, 16)
+    half = torch.rand(4, 1, 4)
+    cos, sin = torch.cat((half, half), -1), torch.cat((half, half), -1)  # duplicated form of rotary_dim 8
+    monkeypatch.delenv("ROPE_BACKENDS_DEBUG", raising=False)
+    rb.apply(x, cos, sin)  # not checked: values not readable
+    monkeypatch.setenv("ROPE_BACKENDS_DEBUG", "1")
+    with pytest.raises(ValueError, match="cos"):
+        rb.apply(x, cos, sin)
