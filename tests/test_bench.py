@@ -466,6 +466,16 @@ def test_old_engine_module_is_a_deprecated_alias(monkeypatch):
         assert getattr(old, name) is getattr(bench, name), name
 
 
+def test_importing_the_bench_is_cheap():
+    """The subpackage imports no optional package and no Triton (peers load theirs when built)."""
+    code = ("import sys, rope_backends.benchmark, rope_backends.benchmark.cli; "
+            "print(sorted(m for m in ('triton', 'transformers', 'matplotlib', 'liger_kernel', 'flashinfer', "
+            "'flash_attn') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 def test_rotating_buffers():
     calls = []
     fns = [lambda i=i: calls.append(i) for i in range(3)]
