@@ -424,5 +424,5 @@ def rows(device: torch.device, scale: str, skipped: list, show: Callable[[str], 
                         note="the oracle of tests/test_positions.py"))
         out.append(dict(common, implementation="rope_backends.positions.rope_index", kind="backend",
                         us=r["vectorised_ms"] * 1e3, bit_exact=bool(r["equal"]), host_syncs=r["syncs_vectorised"],
-                        note="equal to the loop (bit_exact column); host syncs of one call counted as bench_one counts them"))
+                        note="equal to the loop (bit_exact column); host syncs of one call (CUDA: sync debug warnings; CPU: the host reads a GPU would wait for)"))
     return out
