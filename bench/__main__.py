@@ -1,5 +1,5 @@
-"""``python -m bench``: the same as ``python bench/run.py``."""
+"""``python -m bench``: an alias of ``python -m rope_backends bench`` (same options), kept for old commands."""
 
-from bench.run import main
+from rope_backends.benchmark.cli import main
 
-raise SystemExit(main())
+raise SystemExit(main(prog="python -m bench"))

@@ -4,7 +4,7 @@
 #   cuda    tests/test_cuda.py (triton vs eager on CUDA tensors, graphs, no sync); CUDA_TESTS adds files
 #   tune    python -m rope_backends tune (the tile table goes to the user cache and OUT_DIR)
 #   study   bench/studies/triton_kernel.py (casts, launch paths)
-#   bench   python -m bench --device cuda (all groups but rope_index; BENCH_ARGS adds options)
+#   bench   python -m rope_backends bench --device cuda (all groups but rope_index; BENCH_ARGS adds options)
 #   sample  python -m rope_backends check --device cuda --expect triton (the sample tier)
 #   fuzz    the long hypothesis profile, ROPE_FUZZ_EXAMPLES per op, the three ops side by side
 # Usage: STAGES=smoke,cuda,tune,bench bash bench/gpu_session.sh OUT_DIR
@@ -71,7 +71,7 @@ if [[ $stages == *,study,* ]]; then
   run study 240 "$py" bench/studies/triton_kernel.py --out "$out" ${STUDY_ARGS:-}
 fi
 if [[ $stages == *,bench,* ]]; then
-  TAIL=120 run bench 560 "$py" -m bench --device cuda --groups diffusion,qk,llm,mrope,backward,dispatch \
+  TAIL=120 run bench 560 "$py" -m rope_backends bench --device cuda --groups diffusion,qk,llm,mrope,backward,dispatch \
     --out "$out" --no-plot ${BENCH_ARGS:-}
 fi
 if [[ $stages == *,sample,* ]]; then

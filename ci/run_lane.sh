@@ -31,8 +31,8 @@ if [[ -n "${LANE_BACKEND}" ]]; then
 fi
 python -m rope_backends "${check_args[@]}"
 if [[ "$LANE_BENCH" == "1" ]]; then
-  python -m bench --device "$LANE_DEVICE" --out bench/results
+  python -m rope_backends bench --device "$LANE_DEVICE" --out bench/results
   if [[ "$LANE_DEVICE" == "npu" ]]; then
-    python bench/npu_rotary_mul.py --strict --out bench/results
+    python bench/studies/npu_rotary_mul.py --strict --out bench/results
   fi
 fi

@@ -1,4 +1,4 @@
-"""``python -m rope_backends info | check``: what this machine has, and the conformance suite on it.
+"""``python -m rope_backends info | check | tune | bench``: this machine, its conformance suite, its bench.
 
     python -m rope_backends info
         torch / triton / torch_npu versions, devices, GPU vendor (CUDA or ROCm), the backend each
@@ -14,7 +14,11 @@
         cases, passed, failed, seconds) and exits non-zero on any failure. ``--expect NAME`` also
         fails unless automatic dispatch on the device (``--device``, else the first accelerator
         here, else cpu) picks NAME for every kind of call. ``--bench`` then runs
-        ``rope_backends.benchmarking.run_short()`` when that module is installed.
+        ``rope_backends.benchmark.run_short()`` when that package is installed.
+
+    python -m rope_backends bench [--groups G,...] [--device TYPE,...] [--quick] [--out DIR] ...
+        the benchmark suite: every implementation checked bit for bit, then timed; writes the
+        JSON (and PNG) to DIR (see rope_backends/benchmark/cli.py, ``bench --help``).
 
 This module only reports; it changes no setting and registers no backend.
 """
@@ -155,20 +159,23 @@ def _expectation(expect: str, device: str) -> list[str]:
     return problems
 
 
+_BENCH = "rope_backends.benchmark"
+
+
 def _run_bench(device: str | None) -> int:
-    if importlib.util.find_spec("rope_backends.benchmarking") is None:
-        _p("bench: not installed (the module rope_backends.benchmarking is missing)")
+    if importlib.util.find_spec(_BENCH) is None:
+        _p(f"bench: not installed (the package {_BENCH} is missing)")
         return 0
-    bench = importlib.import_module("rope_backends.benchmarking")
+    bench = importlib.import_module(_BENCH)
     run_short = getattr(bench, "run_short", None)
     if run_short is None:
-        _p("bench: rope_backends.benchmarking has no run_short(); not run")
+        _p(f"bench: {_BENCH} has no run_short(); not run")
         return 1
     kwargs = {}
     if device is not None and "device" in inspect.signature(run_short).parameters:
         kwargs["device"] = device
     _p("")
-    _p("bench: rope_backends.benchmarking.run_short()")
+    _p(f"bench: {_BENCH}.run_short()")
     result = run_short(**kwargs)
     return int(result) if isinstance(result, int) and not isinstance(result, bool) else 0
 
@@ -325,6 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("info", help="versions, devices, GPU vendor, backends and what each device type gets")
     sub.add_parser("tune", add_help=False, help="measure this GPU's Triton tiles and save them (see tune --help)")
+    sub.add_parser("bench", add_help=False, help="benchmark every implementation on this machine (see bench --help)")
     check = sub.add_parser("check", help="run the conformance suite on every backend and device here")
     check.add_argument("--backend", action="append", default=None, metavar="NAME",
                        help="only this backend (repeatable)")
@@ -332,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--expect", default=None, metavar="NAME",
                        help="fail unless automatic dispatch on the device picks NAME")
     check.add_argument("--full", action="store_true", help="the exhaustive tier (reference_cases)")
-    check.add_argument("--bench", action="store_true", help="then run rope_backends.benchmarking.run_short()")
+    check.add_argument("--bench", action="store_true", help="then run rope_backends.benchmark.run_short()")
     check.add_argument("--shard", type=_shard, default=None, metavar="K/N",
                        help="shard K of N (0 <= K < N), whole kernel groups per shard: split a long tier over processes")
     check.add_argument("--names", type=_names, default=None, metavar="FILE",
@@ -345,6 +353,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .backends.triton import tune
 
         return tune.main(argv[1:])
+    if argv[:1] == ["bench"]:
+        from .benchmark import cli
+
+        return cli.main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "info":
         return cmd_info(args)

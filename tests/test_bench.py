@@ -1,9 +1,10 @@
 """The benchmark suite runs end to end on a tiny CPU scenario and writes what it promises.
 
-Checks the engine (rope_backends.benchmarking), the command line (python -m bench), the report
-writer (bench/report.py) and run_short(): the JSON schema, the bit_exact column (True for the
-eager backend and the reference, computed for every peer, and False when an implementation is
-wrong), the overhead fields, graceful degradation without matplotlib or bench/rope_index.py.
+Checks the engine (rope_backends.benchmark), the command line (python -m rope_backends bench and
+its alias python -m bench), the report writer (bench/report.py) and run_short(): the JSON schema,
+the bit_exact column (True for the eager backend and the reference, computed for every peer, and
+False when an implementation is wrong), the overhead fields, graceful degradation without
+matplotlib, and that results written before the engine was split still render.
 Never checks timings: only that they are positive numbers.
 """
 
@@ -18,11 +19,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from rope_backends import benchmarking as bm
+from rope_backends.benchmark import baselines, engine, implementations, report, rope_index, scenarios, targets, timing
+from rope_backends.benchmark.implementations import NPU_PATH
+from rope_backends.benchmark.scenarios import Impl
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(scale="tiny", quick=True, skip=("torch.compile",), progress=False, command="pytest")
 
+_EMPTY_DOC = {"device": {"type": "cpu", "name": "cpu"}, "copy_bandwidth": {"gbps": 1.0},
+              "versions": {"torch": "-", "triton": "-"}, "default_backend": "eager", "rows": []}
 ROW_KEYS = {
     "group": str, "scenario": str, "op": str, "shape": str, "dtype": str, "layout": str, "tokens": int,
     "implementation": str, "kind": str, "timing": str, "us": float, "bytes": int, "buffers": int,
@@ -31,15 +36,25 @@ DOC_KEYS = ("schema", "date", "device", "device_label", "versions", "command", "
             "timing", "bit_exact_rule", "rows", "skipped", "summary", "default_backend", "groups")
 
 
+def _report_cli():
+    """bench/report.py, the command line of the README results section (a checkout module)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench import report as report_cli
+    finally:
+        sys.path.remove(str(ROOT))
+    return report_cli
+
+
 @pytest.fixture(scope="module")
 def doc():
-    return bm.run_device("cpu", ["diffusion", "qk", "llm", "mrope", "backward", "dispatch"], **TINY)
+    return engine.run_device("cpu", ["diffusion", "qk", "llm", "mrope", "backward", "dispatch"], **TINY)
 
 
 def test_document_schema(doc):
     for key in DOC_KEYS:
         assert key in doc, key
-    assert doc["schema"] == bm.SCHEMA
+    assert doc["schema"] == report.SCHEMA
     assert doc["device"]["type"] == "cpu" and doc["device"]["cores"] >= 1
     assert doc["versions"]["torch"] == torch.__version__
     assert doc["copy_bandwidth"]["gbps"] > 0 and doc["copy_bandwidth"]["bytes_per_copy"] > 0
@@ -57,7 +72,7 @@ def test_rows_schema_and_values(doc):
         assert r["us"] > 0 and math.isfinite(r["us"])
         assert r["gbps"] == pytest.approx(r["bytes"] / r["us"] / 1e3)
         assert r["pct_copy"] == pytest.approx(100 * r["gbps"] / doc["copy_bandwidth"]["gbps"])
-        if r["implementation"] in (bm.SAME_BYTES_COPY, bm.TORCH_OP, bm.TORCH_AUTOGRAD_OP):
+        if r["implementation"] in (baselines.SAME_BYTES_COPY, baselines.TORCH_OP, baselines.TORCH_AUTOGRAD_OP):
             assert r["bit_exact"] is None and r["kind"] == "baseline", r  # computes no rope
         else:
             assert isinstance(r["bit_exact"], bool), r
@@ -71,8 +86,8 @@ def test_implementations_and_bit_exact_column(doc):
     for r in rows:
         by_impl.setdefault(r["implementation"], []).append(r)
     # every case has the eager backend, the reference and the contiguous peer
-    assert {"eager", "eager-strided", "eager-stack+flatten"} <= set(by_impl)
-    for name in ("eager", "eager-strided", "eager-stack+flatten"):
+    assert {"eager", "eager-strided", NPU_PATH} <= set(by_impl)
+    for name in ("eager", "eager-strided", NPU_PATH):
         assert all(r["bit_exact"] is True for r in by_impl[name]), name
     assert "torch.compile" not in by_impl  # skipped on request
     # the simulated NPU serves CPU only when named: a test vehicle, never benchmarked
@@ -88,7 +103,7 @@ def test_implementations_and_bit_exact_column(doc):
 def test_groups_cover_their_cases(doc):
     rows = doc["rows"]
     llm_ops = {(r["op"], r["tokens"]) for r in rows if r["group"] == "llm"}
-    assert llm_ops == {(op, t) for op in ("apply_qk", "apply_cached") for t in bm.LLM_TOKENS["tiny"]}
+    assert llm_ops == {(op, t) for op in ("apply_qk", "apply_cached") for t in scenarios.LLM_TOKENS["tiny"]}
     mrope = {r["scenario"] for r in rows if r["group"] == "mrope"}
     assert len(mrope) == 4 and "plain" in mrope
     assert {r["op"] for r in rows if r["group"] == "backward"} == {"forward", "backward"}
@@ -103,15 +118,15 @@ def test_same_bytes_copy_baseline(doc):
     rows = doc["rows"]
     groups = ("diffusion", "qk", "llm")
     rope = [r for r in rows if r["group"] in groups and r["implementation"] == "eager"]
-    copies = {(r["scenario"], r["op"], r["shape"]): r for r in rows if r["implementation"] == bm.SAME_BYTES_COPY}
+    copies = {(r["scenario"], r["op"], r["shape"]): r for r in rows if r["implementation"] == baselines.SAME_BYTES_COPY}
     assert rope and {(r["scenario"], r["op"], r["shape"]) for r in rope} == set(copies)
     assert all(c["bytes"] == r["bytes"] for r in rope for c in [copies[(r["scenario"], r["op"], r["shape"])]])
-    assert not any(r["implementation"] == bm.SAME_BYTES_COPY for r in rows if r["group"] not in groups)
+    assert not any(r["implementation"] == baselines.SAME_BYTES_COPY for r in rows if r["group"] not in groups)
     ratios = [s for s in doc["summary"] if "same-bytes copy" in s["target"]]
     assert len(ratios) == len([r for r in rope if r["group"] != "llm" or r["tokens"] >= 4096])
     for s in ratios:
-        assert s["limit"] in (None, bm.SAME_BYTES_TARGET) and s["met"] is None and s["value"] > 0
-    assert {s["limit"] for s in ratios} == {None, bm.SAME_BYTES_TARGET}
+        assert s["limit"] in (None, targets.SAME_BYTES_TARGET) and s["met"] is None and s["value"] > 0
+    assert {s["limit"] for s in ratios} == {None, targets.SAME_BYTES_TARGET}
 
 
 def test_dispatch_overhead_fields(doc):
@@ -130,21 +145,21 @@ def test_dispatch_overhead_fields(doc):
 def test_wrong_peer_is_not_bit_exact():
     """The bit_exact column can say False: a peer that skips the rotation, and one that is off by
     one ulp in a single element, are both caught."""
-    case = bm._diffusion_cases("tiny", torch.device("cpu"))[0]
-    clock = bm.Clock(torch.device("cpu"), quick=True)
+    case = scenarios.diffusion_cases("tiny", torch.device("cpu"))[0]
+    clock = timing.Clock(torch.device("cpu"), quick=True)
 
     def off_by_one(d):
         def run():
-            out = bm._ref_apply(d, "interleaved")[0].clone()
+            out = scenarios.ref_apply(d, "interleaved")[0].clone()
             out.view(torch.int16).view(-1)[3] += 1
             return (out,)
         return run
 
-    impls = [bm.Impl("identity", "peer", lambda d: lambda: (d["x"].clone(),)),
-             bm.Impl("one-ulp", "peer", off_by_one),
-             bm.Impl("stack+flatten", "peer", lambda d: lambda: (bm._stack_flatten(d["x"], d["cos"], d["sin"], "interleaved"),))]
+    impls = [Impl("identity", "peer", lambda d: lambda: (d["x"].clone(),)),
+             Impl("one-ulp", "peer", off_by_one),
+             Impl("stack+flatten", "peer", lambda d: lambda: (implementations.npu_path(d["x"], d["cos"], d["sin"], "interleaved"),))]
     rows, skipped = [], []
-    bm._run_case(case, impls, clock, 1.0, bm.Progress(False, 1), rows, skipped)
+    engine.run_case(case, impls, clock, 1.0, engine.Progress(False, 1), rows, skipped)
     assert not skipped
     assert {r["implementation"]: r["bit_exact"] for r in rows} == {"identity": False, "one-ulp": False, "stack+flatten": True}
 
@@ -152,13 +167,13 @@ def test_wrong_peer_is_not_bit_exact():
 def test_in_place_peers_are_checked_on_fresh_inputs():
     """Timing an in-place implementation rotates its inputs many times; the next implementation's
     check must still start from the original inputs."""
-    case = bm._llm_cases("tiny", torch.device("cpu"), graphs=False)[-1]
+    case = scenarios.llm_cases("tiny", torch.device("cpu"), graphs=False)[-1]
     assert case.op == "apply_cached"
-    impls = bm._impls(case, torch.device("cpu"), ["eager"], bm.Options(quick=True, skip=("torch.compile",)))
-    assert [i.mutates for i in impls if i.name in ("eager", "eager-strided", "eager-stack+flatten")] == [True] * 3
+    impls = implementations.for_case(case, torch.device("cpu"), ["eager"], implementations.Options(quick=True, skip=("torch.compile",)))
+    assert [i.mutates for i in impls if i.name in ("eager", "eager-strided", NPU_PATH)] == [True] * 3
     rows, skipped = [], []
-    bm._run_case(case, impls, bm.Clock(torch.device("cpu"), quick=True), 1.0, bm.Progress(False, 1), rows, skipped)
-    rope = [r for r in rows if r["implementation"] != bm.SAME_BYTES_COPY]
+    engine.run_case(case, impls, timing.Clock(torch.device("cpu"), quick=True), 1.0, engine.Progress(False, 1), rows, skipped)
+    rope = [r for r in rows if r["implementation"] != baselines.SAME_BYTES_COPY]
     assert len(rope) == 3 and all(r["bit_exact"] for r in rope)
 
 
@@ -188,46 +203,42 @@ def test_gpu_code_paths_with_faked_timers(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: mode["now"])
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda m: mode.__setitem__("now", m))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(bm, "_EMPTY", {})
+    monkeypatch.setattr(baselines, "_EMPTY", {})
 
     def syncing(d):
         def run():
             if mode["now"] == "error":
                 raise RuntimeError("called a synchronizing CUDA operation")
-            return bm._ref_qk(d, "neox")
+            return scenarios.ref_qk(d, "neox")
         return run
 
-    clock = bm.Clock(torch.device("cpu"), quick=True)
+    clock = timing.Clock(torch.device("cpu"), quick=True)
     clock.type = "cuda"
-    case = bm._llm_cases("tiny", torch.device("cpu"), graphs=True)[0]
+    case = scenarios.llm_cases("tiny", torch.device("cpu"), graphs=True)[0]
     assert case.op == "apply_qk" and case.graph
-    impls = bm._impls(case, torch.device("cpu"), ["eager"], bm.Options(quick=True, skip=("torch.compile",)))
-    impls.append(bm.Impl("syncing", "peer", syncing))
+    impls = implementations.for_case(case, torch.device("cpu"), ["eager"], implementations.Options(quick=True, skip=("torch.compile",)))
+    impls.append(Impl("syncing", "peer", syncing))
     rows, skipped = [], []
-    bm._run_case(case, impls, clock, 3000.0, bm.Progress(False, 1), rows, skipped)
-    rows += bm._launch_rows(torch.device("cpu"), clock, 3000.0, skipped)
+    engine.run_case(case, impls, clock, 3000.0, engine.Progress(False, 1), rows, skipped)
+    rows += engine.launch_rows(torch.device("cpu"), clock, 3000.0, skipped)
     graph = {r["implementation"] for r in rows if r["timing"] == "cuda_graph"}
-    assert graph == {"eager", "eager-strided", "eager-stack+flatten", bm.SAME_BYTES_COPY, "empty-triton-launch"}
+    assert graph == {"eager", "eager-strided", NPU_PATH, baselines.SAME_BYTES_COPY, "empty-triton-launch"}
     assert {r["implementation"] for r in rows if r["timing"] == "do_bench"} == graph | {"syncing"}
     assert any(s["implementation"] == "syncing" and "not capturable" in s["reason"] for s in skipped)
     assert mode["now"] == 0  # the sync debug mode is restored
     assert calls["graph"] == 5
     doc = {"rows": rows, "default_backend": "eager", "device": {"type": "cuda"}}
-    ratio = [s for s in bm.summarize(doc) if "graph replay / empty launch" in s["target"]]
+    ratio = [s for s in targets.summarize(doc) if "graph replay / empty launch" in s["target"]]
     assert len(ratio) == 1 and ratio[0]["value"] == pytest.approx(1.0) and ratio[0]["met"] is True
 
 
 def test_json_report_and_plot(doc, tmp_path, monkeypatch):
-    path = bm.write_json(doc, tmp_path)
+    path = report.write_json(doc, tmp_path)
     assert path.name == f"{doc['device_label']}-{doc['date']}.json"
     assert json.loads(path.read_text())["rows"] == json.loads(json.dumps(doc["rows"]))
-    sys.path.insert(0, str(ROOT))
-    try:
-        from bench import report
-    finally:
-        sys.path.remove(str(ROOT))
+    report_cli = _report_cli()
     out = tmp_path / "README-table.md"
-    assert report.main([str(path), "--out", str(out)]) == 0
+    assert report_cli.main([str(path), "--out", str(out)]) == 0
     text = out.read_text()
     assert "### diffusion" in text and "| implementation" in text and "copy" in text.lower()
     png = path.with_suffix(".png")
@@ -239,47 +250,81 @@ def test_json_report_and_plot(doc, tmp_path, monkeypatch):
         assert png.stat().st_size > 1000 and "![" in text
     # without matplotlib the plot is skipped, nothing raises
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    assert bm.write_plot(doc, tmp_path / "none.png") is None
+    assert report.write_plot(doc, tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
 
 
 def test_tables_are_printable(doc):
-    text = bm.format_tables(doc)
+    text = report.format_tables(doc)
     for group in ("diffusion", "qk", "llm", "mrope", "backward", "dispatch"):
         assert f"### {group}" in text
     assert "targets" in text and "copy bandwidth" in text
 
 
-def test_rope_index_group_skips_without_its_file(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bm, "_ROOT", tmp_path)
+def test_rope_index_group_runs_from_the_package():
+    """The rope_index group needs no checkout: its loop, batches and setups ship in the package.
+    Per setup two rows: the loop and rope_index, equal (bit_exact), with their host syncs."""
+    skipped, shown = [], []
+    rows = rope_index.rows(torch.device("cpu"), "tiny", skipped, shown.append)
+    assert not skipped and shown == [f"rope_index {name}" for name in rope_index.SETUPS_BY_SCALE["tiny"]]
+    assert [r["implementation"] for r in rows] == ["loop (transformers 4.x style)", "rope_backends.positions.rope_index"]
+    for r in rows:
+        for key, kind in ROW_KEYS.items():
+            if key != "bytes":  # no bytes: rope_index moves no rotated tensors
+                assert isinstance(r[key], kind), (key, r)
+        assert r["bit_exact"] is True and r["us"] > 0 and isinstance(r["host_syncs"], int)
+    assert rows[0]["host_syncs"] > rows[1]["host_syncs"]  # the loop reads per row, image and frame
+    assert "host syncs" in report.format_tables({**_EMPTY_DOC, "rows": rows})
+
+
+def test_rope_index_group_reports_a_failing_setup(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(rope_index, "bench_one", broken)
     skipped = []
-    assert bm._rope_index_rows(torch.device("cpu"), skipped, bm.Progress(False, 1)) == []
-    assert "not found" in skipped[0]["reason"]
-    assert "rope_index" in capsys.readouterr().err
+    assert rope_index.rows(torch.device("cpu"), "tiny", skipped, lambda text: None) == []
+    assert skipped == [{"group": "rope_index", "scenario": "tiny_B2_S512_2img_1vid", "reason": "failed: RuntimeError: boom"}]
+
+
+def test_rope_index_study_script(tmp_path):
+    """bench/studies/rope_index.py keeps its command line on top of the package's group."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_study_rope_index", ROOT / "bench" / "studies" / "rope_index.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    assert study.main(["--quick", "--devices", "cpu", "--setups", "mixed_B2_S4k_8img_2vid", "--conventions", "v4",
+                       "--paths", "host", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("rope_index-cpu-*.json")
+    (result,) = json.loads(path.read_text())["results"]
+    assert result["equal"] is True and result["setup"] == "mixed_B2_S4k_8img_2vid"
+    with pytest.raises(SystemExit):
+        study.main(["--setups", "nope", "--out", str(tmp_path)])
 
 
 def test_time_budget_skips_the_rest_and_still_reports():
-    doc = bm.run_device("cpu", ["diffusion", "dispatch", "rope_index"], budget_s=0.0, **TINY)
+    doc = engine.run_device("cpu", ["diffusion", "dispatch", "rope_index"], budget_s=0.0, **TINY)
     assert doc["rows"] == []
     reasons = [s["reason"] for s in doc["skipped"] if "budget" in s["reason"]]
-    assert len(reasons) == len(bm.DIFFUSION_SHAPES["tiny"]) + 1 + 2 + 1  # cases (+ neox) + dispatch + rope_index
+    assert len(reasons) == len(scenarios.DIFFUSION_SHAPES["tiny"]) + 1 + 2 + 1  # cases (+ neox) + dispatch + rope_index
     first = next(s for s in doc["skipped"] if "budget" in s["reason"])
     assert first["group"] == "dispatch"  # run first: a budget never cuts the cheap target
-    assert "### targets" not in bm.format_tables(doc)
+    assert "### targets" not in report.format_tables(doc)
 
 
 def test_checkpoints_after_every_case():
     seen = []
-    doc = bm.run_device("cpu", ["dispatch"], checkpoint=seen.append, **TINY)
+    doc = engine.run_device("cpu", ["dispatch"], checkpoint=seen.append, **TINY)
     assert [len(d["rows"]) for d in seen] == [3, 6] and all(d["partial"] for d in seen)  # rb.*, eager.forward, one op
     assert doc["partial"] is False and len(doc["rows"]) == 6
 
 
 def test_run_short(monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(bm.DIFFUSION_SHAPES, "short-cpu", [(1, 16, 2, 32)])
-    monkeypatch.setitem(bm.LLM_TOKENS, "short-cpu", [1])
-    monkeypatch.setitem(bm.LLM_HEADS, "short-cpu", (4, 2))
-    rows = bm.run_short(out_dir=str(tmp_path), device="cpu")  # the keyword python -m rope_backends check passes
+    monkeypatch.setitem(scenarios.DIFFUSION_SHAPES, "short-cpu", [(1, 16, 2, 32)])
+    monkeypatch.setitem(scenarios.LLM_TOKENS, "short-cpu", [1])
+    monkeypatch.setitem(scenarios.LLM_HEADS, "short-cpu", (4, 2))
+    rows = engine.run_short(out_dir=str(tmp_path), device="cpu")  # the keyword python -m rope_backends check passes
     printed = capsys.readouterr().out
     assert "### diffusion" in printed and "### dispatch" in printed
     assert {r["group"] for r in rows} == {"diffusion", "llm", "dispatch"}
@@ -303,13 +348,155 @@ def test_command_line(tmp_path):
     saved = json.loads(path.read_text())
     assert saved["command"].startswith("python -m bench --device cpu")
     assert saved["partial"] is False  # the final write replaced the per-case checkpoints
-    assert {r["implementation"] for r in saved["rows"]} == {"rb.apply", "rb.apply_cached", "eager.forward", bm.TORCH_OP}
+    assert {r["implementation"] for r in saved["rows"]} == {"rb.apply", "rb.apply_cached", "eager.forward", baselines.TORCH_OP}
 
 
 def test_command_line_rejects_unknown_group():
-    proc = subprocess.run([sys.executable, "bench/run.py", "--groups", "nope"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "rope_backends", "bench", "--groups", "nope"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--groups" in proc.stderr
+
+
+def test_package_command_line(tmp_path, capsys):
+    """``python -m rope_backends bench`` is the command (``python -m bench`` its alias): same
+    options, and the JSON records the command it was given."""
+    from rope_backends.__main__ import main
+
+    out = tmp_path / "results"
+    assert main(["bench", "--device", "cpu", "--scale", "tiny", "--groups", "dispatch", "--quick", "--out", str(out),
+                 "--no-plot", "--skip", "eager.forward"]) == 0
+    assert "### dispatch" in capsys.readouterr().out
+    (path,) = out.glob("*-quick-tiny.json")
+    saved = report.load(path)
+    assert saved["command"].startswith("python -m rope_backends bench --device cpu")
+    # --skip leaves the dispatch group alone (as before the split): only --impls selects there
+    assert {r["implementation"] for r in saved["rows"]} == {"rb.apply", "rb.apply_cached", "eager.forward", baselines.TORCH_OP}
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "--budget" in capsys.readouterr().out
+
+
+# results written by the engine before it was split into modules (real GPU runs)
+OLD_RESULTS = ["nvidia-h100-80gb-hbm3-2026-11-23-s4.json", "nvidia-h200-2026-12-02-quick.json"]
+
+
+@pytest.mark.parametrize("name", OLD_RESULTS)
+def test_results_written_before_the_split_still_render(name, tmp_path, doc):
+    """bench/report.py turns an old JSON into the README section, and today's documents carry
+    the same top-level keys and every row key the old ones had for the same kind of row."""
+    src = ROOT / "bench" / "results" / name
+    old = report.load(src)
+    assert set(doc) == set(old), set(doc) ^ set(old)
+    old_keys = {}
+    for r in old["rows"]:
+        old_keys.setdefault((r["group"], r["kind"]), set()).update(r)
+    for r in doc["rows"]:
+        if (r["group"], r["kind"]) in old_keys:
+            assert set(r) <= old_keys[(r["group"], r["kind"])] | {"note", "us_min"}, r
+    for r in old["rows"]:
+        for key, kind in ROW_KEYS.items():
+            assert isinstance(r[key], kind) or (key == "bytes" and r["group"] == "rope_index"), (key, r)
+    report_cli = _report_cli()
+    out = tmp_path / "README-table.md"
+    assert report_cli.main([str(src), "--out", str(out), "--no-plot"]) == 0
+    text = out.read_text()
+    assert old["device"]["name"] in text and "### diffusion" in text and "### dispatch" in text
+    assert "eager-stack+flatten" in text  # an old file keeps its names
+    assert "### targets" in text and "| yes" in text  # GPU targets are judged
+
+
+def test_report_rejects_another_schema(tmp_path):
+    bad = tmp_path / "other.json"
+    bad.write_text(json.dumps({"schema": "something/2", "rows": []}))
+    with pytest.raises(ValueError, match="other.json: expected a bench result with schema 'rope_backends.bench/1'"):
+        report.load(bad)
+    proc = subprocess.run([sys.executable, "bench/report.py", str(bad)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "schema" in proc.stderr
+
+
+def test_npu_path_peer_runs_the_shipped_npu_code(monkeypatch):
+    """The stack+flatten peer is rope_backends.backends.npu itself (what ships), not a copy:
+    with the shipped functions counted, every op's npu-path row goes through them."""
+    from rope_backends.backends import npu
+
+    calls = {"rotate": 0, "forward": 0}
+    real_rotate, real_forward = npu.rotate, npu.forward
+
+    def rotate(*a, **k):
+        calls["rotate"] += 1
+        return real_rotate(*a, **k)
+
+    def forward(*a, **k):
+        calls["forward"] += 1
+        return real_forward(*a, **k)
+
+    monkeypatch.setattr(npu, "rotate", rotate)
+    monkeypatch.setattr(npu, "forward", forward)
+    device = torch.device("cpu")
+    options = implementations.Options(impls=(NPU_PATH,))
+    for case in (scenarios.diffusion_cases("tiny", device)[0], scenarios.qk_cases("tiny", device)[0],
+                 scenarios.llm_cases("tiny", device, graphs=False)[-1], scenarios.mrope_cases("tiny", device)[1],
+                 *scenarios.backward_cases("tiny", device)):
+        (impl,) = implementations.for_case(case, device, ["eager"], options)
+        before = dict(calls)
+        outs = impl.prepare(case.make(0))()
+        assert calls != before, case.op
+        want = case.reference(case.make(0), case.layout)
+        assert all(torch.equal(o.view(torch.int16), w.view(torch.int16)) for o, w in zip(outs, want)), case.scenario
+
+
+def test_old_implementation_names_still_select():
+    """--impls / --skip accept the name the npu-path peer had before it ran the shipped code."""
+    options = implementations.Options(skip=("eager-stack+flatten",))
+    assert not options.keep(NPU_PATH) and options.keep("eager-strided")
+    assert implementations.Options(impls=("eager-stack+flatten",)).selects(NPU_PATH)
+    assert implementations.canonical("eager-stack+flatten") == NPU_PATH == implementations.canonical(NPU_PATH)
+
+
+def test_old_engine_module_is_a_deprecated_alias(monkeypatch):
+    import importlib
+
+    import rope_backends.benchmark as bench
+
+    monkeypatch.delitem(sys.modules, "rope_backends.benchmarking", raising=False)
+    with pytest.warns(DeprecationWarning, match="rope_backends.benchmark"):
+        old = importlib.import_module("rope_backends.benchmarking")
+    for name in ("run", "run_short", "run_device", "summarize", "format_tables", "write_json", "SCHEMA", "GROUPS"):
+        assert getattr(old, name) is getattr(bench, name), name
+
+
+def test_importing_the_bench_is_cheap():
+    """The subpackage imports no optional package and no Triton (peers load theirs when built)."""
+    code = ("import sys, rope_backends.benchmark, rope_backends.benchmark.cli; "
+            "print(sorted(m for m in ('triton', 'transformers', 'matplotlib', 'liger_kernel', 'flashinfer', "
+            "'flash_attn') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_rotating_buffers():
+    calls = []
+    fns = [lambda i=i: calls.append(i) for i in range(3)]
+    run = timing.rotating(fns)
+    for _ in range(7):
+        run()
+    assert calls == [0, 1, 2, 0, 1, 2, 0]
+    assert timing.rotating(fns[:1]) is fns[0]
+    cpu = torch.device("cpu")
+    llc = timing.cache_bytes(cpu)
+    assert timing.buffers(2 * llc, cpu) == 1  # exceeds the cache on its own
+    assert timing.buffers(1, cpu) == timing.ROTATE_CAP["cpu"]
+    assert timing.buffers(llc, cpu) == min(timing.ROTATE_CAP["cpu"], 4)
+
+
+def test_device_label_is_a_file_name():
+    from rope_backends.benchmark import machine
+
+    assert machine.device_label({"type": "cuda", "name": "NVIDIA H100 80GB HBM3"}) == "nvidia-h100-80gb-hbm3"
+    label = machine.device_label(machine.device_info(torch.device("cpu")))
+    assert label.startswith("cpu-") and label.endswith("c") and all(c.isalnum() or c == "-" for c in label)
 
 
 @pytest.mark.parametrize("op", ["apply", "apply_cached"])
@@ -359,10 +546,10 @@ def test_direct_launch_floor_runs_once_per_call(monkeypatch, op):
         live[out.data_ptr()] = out
         return out
     monkeypatch.setattr(torch, "empty_like", recorded_empty_like)
-    case = next(c for c in bm._dispatch_cases(torch.device("cpu")) if c.op == op)
+    case = next(c for c in scenarios.dispatch_cases(torch.device("cpu")) if c.op == op)
     d = case.make(0)
     before = {k: v.clone() for k, v in d.items() if isinstance(v, torch.Tensor)}
-    run = bm._direct_triton(d, op)
+    run = baselines.direct_triton(d, op)
     for t in d.values():
         if isinstance(t, torch.Tensor):
             live[t.data_ptr()] = t

@@ -57,3 +57,4 @@ def test_run_lane_leaves_own_process_files_out_of_the_main_run(tmp_path):
     assert "--ignore=tests/test_triton_backend.py" in pytest_calls[0] and pytest_calls[0].endswith(" tests")
     assert pytest_calls[1].endswith(" tests/test_triton_backend.py")
     assert any(c.startswith("-m rope_backends check --device cuda --expect triton") for c in calls)
+    assert any(c.startswith("-m rope_backends bench --device cuda --out bench/results") for c in calls)

@@ -565,9 +565,9 @@ def test_cli_bench_hook(monkeypatch, capsys):
     from rope_backends import __main__ as cli
 
     calls = []
-    module = types.ModuleType("rope_backends.benchmarking")
+    module = types.ModuleType("rope_backends.benchmark")
     module.run_short = lambda device=None: calls.append(device) or 0
-    monkeypatch.setitem(sys.modules, "rope_backends.benchmarking", module)
+    monkeypatch.setitem(sys.modules, "rope_backends.benchmark", module)
     monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: object())
     assert cli._run_bench("cpu") == 0 and calls == ["cpu"]
     monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)

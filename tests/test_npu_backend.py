@@ -642,14 +642,14 @@ def test_device_restricted_op_would_not_bind():
 
 
 # --------------------------------------------------------------------------------------------
-# bench/npu_rotary_mul.py without an Ascend machine
+# bench/studies/npu_rotary_mul.py without an Ascend machine
 
 
 def _load_rotary_mul_bench():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "npu_rotary_mul.py"
+    path = Path(__file__).resolve().parents[1] / "bench" / "studies" / "npu_rotary_mul.py"
     spec = importlib.util.spec_from_file_location("_bench_npu_rotary_mul", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

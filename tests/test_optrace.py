@@ -1,5 +1,5 @@
 """The npu path writes no strided memory: every aten op it issues, recorded by
-``rope_backends.optrace``, on every layout and option.
+``rope_backends.testing.optrace``, on every layout and option.
 
 Three parts:
 1. the recorder itself flags each kind of strided write (so the clean verdicts below mean
@@ -22,9 +22,9 @@ import torch
 
 import rope_backends as rb
 from rope_backends import mrope, registry
-from rope_backends.optrace import OpRecorder, record
 from rope_backends.spec import RopeArgs
 from rope_backends.testing.check import assert_bitwise_equal
+from rope_backends.testing.optrace import OpRecorder, record
 
 
 @pytest.fixture
@@ -351,12 +351,12 @@ def test_recording_leaves_results_alone(npu):
 
 
 def test_bench_report_smoke():
-    """bench/optrace.py (quick shapes, CPU): the report it prints keeps its meaning -- the npu
+    """bench/studies/optrace.py (quick shapes, CPU): the report it prints keeps its meaning -- the npu
     path clean, the two strided implementations flagged, every implementation bit-exact."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "optrace.py"
+    path = Path(__file__).resolve().parents[1] / "bench" / "studies" / "optrace.py"
     spec = importlib.util.spec_from_file_location("_bench_optrace", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -368,3 +368,18 @@ def test_bench_report_smoke():
         assert rows[(case, "strided-write")]["strided_writes"] >= 2
     json.dumps(result)
     assert "| diffusion | npu |" in bench.markdown(result)
+
+
+def test_old_module_name_is_a_deprecated_alias(monkeypatch):
+    """``rope_backends.optrace`` (its home before it joined rope_backends.testing) still imports,
+    warns, and hands out the same objects."""
+    import importlib
+    import sys
+
+    from rope_backends.testing import optrace
+
+    monkeypatch.delitem(sys.modules, "rope_backends.optrace", raising=False)
+    with pytest.warns(DeprecationWarning, match="rope_backends.testing.optrace"):
+        old = importlib.import_module("rope_backends.optrace")
+    assert old.OpRecorder is OpRecorder and old.record is record and old.KINDS is optrace.KINDS
+    assert set(old.__all__) == set(optrace.__all__)

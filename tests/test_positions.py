@@ -2,17 +2,18 @@
 ``get_rope_index`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), element for element, on synthetic batches
 built the way the Qwen processors lay tokens out.
 
-The loop (``rope_index_loop``) is the oracle and also the baseline that bench/rope_index.py times;
-``make_batch`` builds the inputs for both. When a transformers 4.x is importable, the oracle itself
-is checked against transformers' own methods.
+The loop (``rope_index_loop``) is the oracle and also the baseline the benchmark's rope_index group
+times; ``make_batch`` builds the inputs for both. Both live in rope_backends.benchmark.rope_index (so
+an installed wheel can run that group). When a transformers 4.x is importable, the oracle itself is
+checked against transformers' own methods.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 import zlib
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -21,212 +22,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import rope_backends as rb
 from rope_backends import mrope, positions
+from rope_backends.benchmark.rope_index import (  # noqa: F401  (the oracle, the batches, the setups)
+    IDS, IMAGE, MERGE, PAD, SETUPS, VIDEO, VISION_START, Batch, installed_get_rope_index, make_batch, mm_types,
+    rope_index_loop, v5_kwargs,
+)
 
-VISION_START, IMAGE, VIDEO, VISION_END, PAD = 1001, 1002, 1003, 1004, 0
-IDS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START)
-MERGE = 2
-
-
-# ------------------------------------------------------------------ the oracle (loop) -----------
-def rope_index_loop(
-    input_ids,
-    image_grid_thw=None,
-    video_grid_thw=None,
-    attention_mask=None,
-    *,
-    spatial_merge_size=MERGE,
-    image_token_id=IMAGE,
-    video_token_id=VIDEO,
-    vision_start_token_id=VISION_START,
-    variant="qwen3_vl",
-    second_per_grid_ts=None,
-    tokens_per_second=2,
-    truncate_seconds=True,
-):
-    """One row, one image, one frame at a time, as transformers 4.x does it (host reads included)."""
-    batch, seq = input_ids.shape
-    dev = input_ids.device
-    if image_grid_thw is None and video_grid_thw is None:
-        if attention_mask is None:
-            pos = torch.arange(seq, device=dev).view(1, 1, -1).expand(3, batch, -1)
-            return pos, torch.zeros((batch, 1), device=dev, dtype=input_ids.dtype)
-        pos = attention_mask.long().cumsum(-1) - 1
-        pos.masked_fill_(attention_mask == 0, 1)
-        pos = pos.unsqueeze(0).expand(3, -1, -1)
-        return pos, pos.max(0)[0].max(-1, keepdim=True)[0] + 1 - seq
-    if video_grid_thw is not None and variant == "qwen3_vl":
-        # a video of T frames is T (1, h, w) grids: timestamps separate the frames in the text
-        video_grid_thw = torch.repeat_interleave(video_grid_thw, video_grid_thw[:, 0], dim=0)
-        video_grid_thw[:, 0] = 1
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    position_ids = torch.ones(3, batch, seq, dtype=input_ids.dtype, device=dev)
-    next_image, next_video = 0, 0
-    deltas = []
-    for row in range(batch):
-        keep = attention_mask[row] == 1
-        tokens_t = input_ids[row][keep]
-        after_start = tokens_t[torch.argwhere(tokens_t == vision_start_token_id).squeeze(1) + 1]
-        n_images = int((after_start == image_token_id).sum())
-        n_videos = int((after_start == video_token_id).sum())
-        tokens = tokens_t.tolist()
-        pieces = []
-        cursor = 0
-        images_left, videos_left = n_images, n_videos
-        for _ in range(n_images + n_videos):
-            at_image = tokens.index(image_token_id, cursor) if image_token_id in tokens and images_left > 0 else len(tokens) + 1
-            at_video = tokens.index(video_token_id, cursor) if video_token_id in tokens and videos_left > 0 else len(tokens) + 1
-            if at_image < at_video:
-                t, h, w = image_grid_thw[next_image]
-                seconds = 0
-                next_image += 1
-                images_left -= 1
-                at = at_image
-            else:
-                t, h, w = video_grid_thw[next_video]
-                seconds = second_per_grid_ts[next_video] if second_per_grid_ts is not None else 1.0
-                next_video += 1
-                videos_left -= 1
-                at = at_video
-            gt, gh, gw = t.item(), h.item() // spatial_merge_size, w.item() // spatial_merge_size
-            text_len = at - cursor
-            first = pieces[-1].max() + 1 if pieces else 0
-            pieces.append(torch.arange(text_len).view(1, -1).expand(3, -1) + first)
-            frame = torch.arange(gt).view(-1, 1).expand(-1, gh * gw)
-            if variant == "qwen2_5_vl":
-                if truncate_seconds:  # transformers 4.5x-4.57 normalise to int64 on the host
-                    seconds = torch.as_tensor(seconds, dtype=frame.dtype, device=frame.device)
-                elif isinstance(seconds, torch.Tensor):
-                    seconds = seconds.to(frame.device)
-                t_index = (frame * seconds * tokens_per_second).long().flatten()
-            else:
-                t_index = frame.flatten()
-            h_index = torch.arange(gh).view(1, -1, 1).expand(gt, -1, gw).flatten()
-            w_index = torch.arange(gw).view(1, 1, -1).expand(gt, gh, -1).flatten()
-            pieces.append(torch.stack([t_index, h_index, w_index]) + text_len + first)
-            cursor = at + gt * gh * gw
-        if cursor < len(tokens):
-            first = pieces[-1].max() + 1 if pieces else 0
-            pieces.append(torch.arange(len(tokens) - cursor).view(1, -1).expand(3, -1) + first)
-        row_pos = torch.cat(pieces, dim=1).reshape(3, -1)
-        position_ids[..., row, keep] = row_pos.to(dev)
-        deltas.append(row_pos.max() + 1 - len(input_ids[row]))
-    return position_ids, torch.tensor(deltas, device=dev).unsqueeze(1)
-
-
-# ------------------------------------------------------------------ synthetic batches ------------
-@dataclass
-class Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor | None
-    image_grid_thw: torch.Tensor | None
-    video_grid_thw: torch.Tensor | None
-    second_per_grid_ts: torch.Tensor | None
-    variant: str
-
-    def kwargs(self, **extra):
-        out = dict(
-            image_grid_thw=self.image_grid_thw,
-            video_grid_thw=self.video_grid_thw,
-            attention_mask=self.attention_mask,
-            variant=self.variant,
-            spatial_merge_size=MERGE,
-            **IDS,
-        )
-        if self.variant == "qwen2_5_vl":
-            out["second_per_grid_ts"] = self.second_per_grid_ts
-        out.update(extra)
-        return out
-
-    def to(self, device):
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Batch(
-            move(self.input_ids), move(self.attention_mask), move(self.image_grid_thw),
-            move(self.video_grid_thw), move(self.second_per_grid_ts), self.variant,
-        )
-
-
-def make_batch(
-    batch: int,
-    seq: int,
-    images: int,
-    videos: int,
-    frames: int = 8,
-    *,
-    variant: str = "qwen3_vl",
-    padding: str | None = None,  # None (full rows, no mask), "left", "right", "mixed"
-    image_side=(4, 28),  # h, w in patches (multiples of MERGE are drawn from this range)
-    frame_side=(8, 16),
-    seconds=(0.5, 1.0, 2.0, 1.5, 1 / 3),
-    image_t=(1,),  # temporal grids of an image (drawn from these; the processors use 1)
-    seed: int = 0,
-    grids: bool = True,
-) -> Batch:
-    """``images``/``videos`` are totals over the batch, dealt round-robin to the rows. Qwen3-VL
-    videos get timestamp text + vision_start + one frame's tokens + vision_end per frame; the
-    Qwen2 variants one vision_start + all frames. Rows are filled with random text to their
-    length (``seq`` or, with padding, a ragged shorter length); pad tokens fill the rest."""
-    rng = random.Random(seed)
-    text = lambda n: [rng.randrange(10, 1000) for _ in range(n)]  # noqa: E731
-    side = lambda lo_hi: MERGE * rng.randrange(lo_hi[0] // MERGE, lo_hi[1] // MERGE + 1)  # noqa: E731
-    image_rows, video_rows, secs = [], [], []
-    rows = []
-    for b in range(batch):
-        length = seq if padding is None or b == 0 else seq - rng.randrange(1, seq // 4)
-        items = ["image"] * len(range(b, images, batch)) + ["video"] * len(range(b, videos, batch))
-        rng.shuffle(items)
-        chunks = []
-        for kind in items:
-            if kind == "image":
-                h, w, t = side(image_side), side(image_side), rng.choice(image_t)
-                image_rows.append((t, h, w))
-                chunks.append([VISION_START] + [IMAGE] * (t * (h // MERGE) * (w // MERGE)) + [VISION_END])
-            else:
-                h, w = side(frame_side), side(frame_side)
-                video_rows.append((frames, h, w))
-                secs.append(seconds[len(secs) % len(seconds)])
-                per_frame = (h // MERGE) * (w // MERGE)
-                if variant == "qwen3_vl":
-                    chunk = []
-                    for _ in range(frames):  # "<12.5 seconds>" as text, then the frame
-                        chunk += text(rng.randrange(3, 7)) + [VISION_START] + [VIDEO] * per_frame + [VISION_END]
-                else:
-                    chunk = [VISION_START] + [VIDEO] * (frames * per_frame) + [VISION_END]
-                chunks.append(chunk)
-        used = sum(len(c) for c in chunks)
-        if used > length:
-            raise ValueError(f"make_batch: row {b} needs {used} tokens, has {length}")
-        cuts = sorted(rng.randrange(0, length - used + 1) for _ in range(len(chunks)))
-        gaps = [hi - lo for lo, hi in zip([0] + cuts, cuts + [length - used])]
-        row = []
-        for gap, chunk in zip(gaps, chunks):
-            row += text(gap) + chunk
-        row += text(gaps[-1])
-        rows.append(row)
-    ids = torch.full((batch, seq), PAD, dtype=torch.int64)
-    mask = torch.zeros((batch, seq), dtype=torch.int64)
-    for b, row in enumerate(rows):
-        left = padding == "left" or (padding == "mixed" and b % 2)
-        lo = seq - len(row) if left else 0
-        ids[b, lo : lo + len(row)] = torch.tensor(row)
-        mask[b, lo : lo + len(row)] = 1
-    as_grid = lambda r: torch.tensor(r, dtype=torch.int64).view(-1, 3)  # noqa: E731
-    return Batch(
-        ids,
-        None if padding is None else mask,
-        as_grid(image_rows) if grids and (images or not videos) else None,
-        as_grid(video_rows) if grids and videos else None,
-        torch.tensor(secs, dtype=torch.float32) if videos and variant == "qwen2_5_vl" else None,
-        variant,
-    )
-
-
-# The three setups of issue 5 (also the bench's), then the edge cases.
-SETUPS = {
-    "mixed_B2_S4k_8img_2vid": dict(batch=2, seq=4096, images=8, videos=2, frames=8),
-    "batch_B4_S8k_16img_4vid": dict(batch=4, seq=8192, images=16, videos=4, frames=8),
-    "video_B1_S16k_8vid_T16": dict(batch=1, seq=16384, images=0, videos=8, frames=16, frame_side=(12, 20)),
-}
+# the edge cases, next to the benchmark's setups (SETUPS)
 EDGES = {
     "no_vision_grids_none_mask": dict(batch=3, seq=300, images=0, videos=0, padding="mixed", grids=False),
     "no_vision_grids_none_nomask": dict(batch=3, seq=300, images=0, videos=0, grids=False),
@@ -489,57 +290,11 @@ def test_oracle_matches_installed_transformers(variant):
 
 
 # ------------------------------------------------------------------ transformers 5.x convention --
-def mm_types(batch: Batch) -> torch.Tensor:
-    """mm_token_type_ids as the 5.x processors build it: 1 for image tokens, 2 for video tokens."""
-    return (batch.input_ids == IMAGE).long() + 2 * (batch.input_ids == VIDEO).long()
-
-
-def v5_kwargs(batch: Batch, **extra):
-    kw = batch.kwargs(**extra)
-    for key in ("image_token_id", "video_token_id", "vision_start_token_id"):
-        kw.pop(key)
-    kw["mm_token_type_ids"] = mm_types(batch)
-    return kw
-
-
-def installed_get_rope_index(variant: str, tokens_per_second=2):
-    """The installed transformers' own ``get_rope_index`` (5.x), called unbound on the two
-    attributes it reads (``config.vision_config`` and ``get_vision_position_ids``), as
-    ``run(batch, second_per_grid_ts=None, attention_mask="batch")``; None without a transformers
-    5.x. Also the v5 baseline of bench/rope_index.py."""
-    try:
-        import transformers
-    except ImportError:
-        if os.environ.get("LANE_DEVICE"):  # a CI lane installs the test extra (transformers 5.x)
-            raise
-        return None
-    if int(transformers.__version__.split(".")[0]) < 5:
-        return None
-    from types import MethodType
-
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
-    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
-
-    model = {"qwen3_vl": Qwen3VLModel, "qwen2_vl": Qwen2VLModel, "qwen2_5_vl": Qwen2_5_VLModel}[variant]
-    vision = SimpleNamespace(spatial_merge_size=MERGE, tokens_per_second=tokens_per_second)
-    fake = SimpleNamespace(config=SimpleNamespace(vision_config=vision))
-    fake.get_vision_position_ids = MethodType(model.get_vision_position_ids, fake)
-
-    def run(batch: Batch, second_per_grid_ts=None, attention_mask="batch"):
-        clone = lambda t: None if t is None else t.clone()  # noqa: E731  (video grids are edited in place)
-        kw = dict(image_grid_thw=clone(batch.image_grid_thw), video_grid_thw=clone(batch.video_grid_thw),
-                  attention_mask=clone(batch.attention_mask if attention_mask == "batch" else attention_mask))
-        if variant == "qwen2_5_vl":
-            kw["second_per_grid_ts"] = second_per_grid_ts
-        return model.get_rope_index(fake, batch.input_ids.clone(), mm_types(batch), **kw)
-
-    return run
-
-
 def transformers_5_rope_index(variant: str, tokens_per_second=2):
     run = installed_get_rope_index(variant, tokens_per_second)
     if run is None:
+        if os.environ.get("LANE_DEVICE") and importlib.util.find_spec("transformers") is None:
+            raise ImportError("transformers: a CI lane installs the test extra (transformers 5.x)")
         pytest.skip("needs transformers 5.x (its get_rope_index takes mm_token_type_ids)")
     return run
 

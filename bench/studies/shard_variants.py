@@ -8,7 +8,7 @@ the Triton interpreter, then compares shardings: every N-th case, contiguous sli
 grouping `check --shard` uses (whole `RopeCase.kernel_group`s). Approximate: launch planning on
 CPU sees no SM count, so block sizes may differ from a GPU's.
 
-    python bench/shard_variants.py [--shards 12] [--out bench/results]
+    python bench/studies/shard_variants.py [--shards 12] [--out bench/results]
 """
 
 from __future__ import annotations

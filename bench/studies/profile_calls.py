@@ -1,8 +1,8 @@
 """Which device kernels one public call launches, and for how long (CUDA; torch.profiler).
 
-    python bench/profile_calls.py [--out DIR]
+    python bench/studies/profile_calls.py [--out DIR]
 
-For the backward group's shapes (python -m bench --groups backward): the forward
+For the backward group's shapes (python -m rope_backends bench --groups backward): the forward
 ``rb.apply(x, cos, sin)`` and the backward ``torch.autograd.grad(y, x, g)`` each run a few times
 under ``torch.profiler`` (CUDA activity); per call it lists every device kernel with its duration,
 so a backward slower than its forward can be told apart as more kernels, a slower kernel, or host
@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import rope_backends as rb  # noqa: E402
-from rope_backends.benchmarking import _backward_cases, device_info  # noqa: E402
+from rope_backends.benchmark.machine import device_info  # noqa: E402
+from rope_backends.benchmark.scenarios import backward_cases  # noqa: E402
 
 REPS = 5
 
@@ -57,9 +58,9 @@ def main() -> None:
         raise SystemExit("profile_calls.py needs a CUDA device")
     from triton.testing import do_bench
     device = torch.device("cuda")
-    result: dict = {"device": device_info(device), "command": "python bench/profile_calls.py", "cases": []}
+    result: dict = {"device": device_info(device), "command": "python bench/studies/profile_calls.py", "cases": []}
     # the backward group's own inputs (x, g, cos, sin), one case per shape
-    for case in (c for c in _backward_cases("gpu", device) if c.op == "forward"):
+    for case in (c for c in backward_cases("gpu", device) if c.op == "forward"):
         shape, layout = case.shape, case.layout
         d = case.make(0)
         x, g, cos, sin = d["x"], d["g"], d["cos"], d["sin"]

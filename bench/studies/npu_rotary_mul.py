@@ -1,8 +1,8 @@
 """On a real Ascend machine: is ``torch_npu.npu_rotary_mul`` bit-exact against the rope_backends
 reference, and how fast is it next to the ``npu`` backend?
 
-    python bench/npu_rotary_mul.py [--out [DIR]] [--strict] [--quick] [--device npu:0]
-    python bench/npu_rotary_mul.py --simulate-cpu      # the script's logic, on CPU, with the
+    python bench/studies/npu_rotary_mul.py [--out [DIR]] [--strict] [--quick] [--device npu:0]
+    python bench/studies/npu_rotary_mul.py --simulate-cpu      # the script's logic, on CPU, with the
                                                        # op's documented formula standing in
 
 Four parts, each reported and written to ``bench/results/npu_rotary_mul-<device>-<date>.json``:
@@ -49,12 +49,12 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import rope_backends as rb  # noqa: E402
 from rope_backends import freqs, mrope, platform, reference, registry  # noqa: E402
-from rope_backends.optrace import record  # noqa: E402
+from rope_backends.testing.optrace import record  # noqa: E402
 from rope_backends.testing.check import bitwise_mismatches  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

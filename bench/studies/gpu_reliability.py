@@ -1,6 +1,6 @@
 """GPU reliability checks for issue 7, in one run on a GPU machine.
 
-  python bench/gpu_reliability.py --out DIR [--big-tokens N]
+  python bench/studies/gpu_reliability.py --out DIR [--big-tokens N]
 
 1. a tensor of more than 2^31 elements (q ``[T, 32, 128]`` bf16, ~2.2e9 elements) through
    ``apply_cached`` in place and ``apply`` out of place: bit-exact with the eager reference,

@@ -1,6 +1,6 @@
 """Bench: what each RoPE implementation asks of the device, as op counts and as time.
 
-    python bench/optrace.py [--out [DIR]] [--devices cpu,cuda] [--quick] [--min-run-time S]
+    python bench/studies/optrace.py [--out [DIR]] [--devices cpu,cuda] [--quick] [--min-run-time S]
 
 Three implementations of the same contract, each fed the same validated call (``RopeArgs``) and
 checked bit for bit against the reference before anything is reported:
@@ -18,7 +18,7 @@ Cases (the issue's anchors):
   llm-cached   serving: q ``[4096, 32*128]``, k ``[4096, 8*128]`` bf16, neox, positions into a
                ``[8192, 128]`` fp32 cache, in place (vLLM ``forward`` style)
 
-For each case, implementation and device: the op-trace report (``rope_backends.optrace``: ops by
+For each case, implementation and device: the op-trace report (``rope_backends.testing.optrace``: ops by
 kind, data-moving kernels, strided writes, violations, bytes written by all ops) and the time of
 one call (``torch.utils.benchmark`` blocked_autorange medians, ``--repeats`` of them interleaved
 across the implementations; the median and the range are reported). Devices: the CPU always, CUDA
@@ -28,7 +28,7 @@ to ``bench/results/optrace-<device>-<date>.json``.
 
 What this shows on a CPU or a GPU is op counts and eager timings; the NPU claim (strided writes
 become ViewCopy/InplaceCopy kernels) is what the op counts stand for, and is measured only by
-``bench/npu_rotary_mul.py`` on a real Ascend machine. This file contains no implementation the
+``bench/studies/npu_rotary_mul.py`` on a real Ascend machine. This file contains no implementation the
 package ships: the strided-write form below exists only as the counter-example.
 """
 
@@ -46,12 +46,12 @@ import torch
 from torch import Tensor
 from torch.utils import benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from rope_backends import freqs, reference  # noqa: E402
 from rope_backends.backends import npu as npu_backend  # noqa: E402
-from rope_backends.optrace import KINDS, record  # noqa: E402
+from rope_backends.testing.optrace import KINDS, record  # noqa: E402
 from rope_backends.spec import RopeArgs, args_for_cached, args_for_tables  # noqa: E402
 from rope_backends.testing.check import assert_bitwise_equal  # noqa: E402
 

@@ -1,0 +1,157 @@
+"""How the benchmark times a call: :class:`Clock` per device, and the rotating input buffers.
+
+GPU (``cuda``): ``triton.testing.do_bench`` (median; L2 flushed before each call) and, for decode
+sizes, CUDA-graph replay (``do_bench_cudagraph``); CPU: ``torch.utils.benchmark.Timer.
+blocked_autorange`` (median); other devices: a host loop ending with a device sync. Host time of
+back-to-back calls (the dispatch group, the backward group's training-loop timing) is
+:meth:`Clock.host_sample` / :meth:`Clock.host_times`. When a case's working set fits in the
+last-level cache, several input sets are rotated (:func:`buffers`, :func:`rotating`) so no call
+reads what the previous one left in cache.
+
+This module measures only what it is given: it builds no inputs and judges no results. Triton is
+imported only when a GPU is timed.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+__all__ = ["Clock", "cache_bytes", "buffers", "rotating", "synchronises"]
+
+ROTATE_CAP = {"cuda": 64, "cpu": 8}   # at most this many rotated input buffers
+
+
+class Clock:
+    """Times a zero-argument callable on one device; returns microseconds (median)."""
+
+    def __init__(self, device: torch.device, quick: bool):
+        self.device = device
+        self.type = device.type
+        self.quick = quick
+
+    def sync(self) -> None:
+        if self.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.type != "cpu":
+            mod = getattr(torch, self.type, None)
+            if mod is not None and hasattr(mod, "synchronize"):
+                mod.synchronize()
+
+    @property
+    def method(self) -> str:
+        """The ``timing`` of a row timed by :meth:`time`."""
+        return {"cuda": "do_bench", "cpu": "torch_timer"}.get(self.type, "host_loop")
+
+    def time(self, fn: Callable[[], object]) -> float:
+        if self.type == "cuda":
+            from triton.testing import do_bench
+
+            warmup, rep = (10, 40) if self.quick else (25, 100)
+            return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median")) * 1e3
+        if self.type == "cpu":
+            return self._torch_timer(fn, 0.05 if self.quick else 0.2)
+        return statistics.median(self.host_sample(fn) for _ in range(5 if self.quick else 9))
+
+    def graph(self, fn: Callable[[], object]) -> float:
+        """Median time per call of ``fn`` replayed in a CUDA graph (many calls per graph)."""
+        from triton.testing import do_bench_cudagraph
+
+        rep = 10 if self.quick else 20
+        try:
+            ms = do_bench_cudagraph(fn, rep=rep, return_mode="median")
+        except TypeError:  # a Triton without return_mode
+            ms = do_bench_cudagraph(fn, rep=rep)
+        return float(ms) * 1e3
+
+    def host_sample(self, fn: Callable[[], object]) -> float:
+        """One sample of the wall time per call of back-to-back calls ending with one sync: the
+        host cost of a call whenever the device work is shorter than it (CPU: the torch Timer)."""
+        if self.type == "cpu":
+            return self._torch_timer(fn, 0.02 if self.quick else 0.05)
+        fn()
+        self.sync()
+        start = time.perf_counter()
+        fn()
+        self.sync()
+        one = max(time.perf_counter() - start, 1e-6)
+        n = max(10, min(5000, int((0.005 if self.quick else 0.02) / one)))
+        self.sync()
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        self.sync()
+        return (time.perf_counter() - start) / n * 1e6
+
+    def host_times(self, fns: Sequence[Callable]) -> list[tuple[float, float]]:
+        """(median, min) host time per call of each callable over rounds that alternate between
+        them, so that a change of load on the machine biases none against the others."""
+        rounds = 5 if self.quick else 11
+        samples: list[list[float]] = [[] for _ in fns]
+        for _ in range(rounds):
+            for i, fn in enumerate(fns):
+                samples[i].append(self.host_sample(fn))
+        return [(statistics.median(s), min(s)) for s in samples]
+
+    @staticmethod
+    def _torch_timer(fn: Callable[[], object], min_run_time: float) -> float:
+        from torch.utils.benchmark import Timer
+
+        timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        return float(timer.blocked_autorange(min_run_time=min_run_time).median) * 1e6
+
+
+def cache_bytes(device: torch.device) -> int:
+    """The last-level cache a working set must exceed not to be measured from cache."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return int(getattr(props, "L2_cache_size", 0) or 50 * 2**20)
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+        return int(text[:-1]) * 1024 if text.endswith("K") else int(text)
+    except Exception:
+        return 32 * 2**20
+
+
+def buffers(nbytes: int, device: torch.device) -> int:
+    """How many input sets to rotate: enough that together they exceed the cache twice over."""
+    cap = ROTATE_CAP.get(device.type, 8)
+    l2 = cache_bytes(device)
+    if nbytes >= 2 * l2:
+        return 1
+    return max(1, min(cap, math.ceil(4 * l2 / max(nbytes, 1))))
+
+
+def rotating(fns: list) -> Callable[[], object]:
+    """One callable that runs ``fns`` in turn, one per call."""
+    if len(fns) == 1:
+        return fns[0]
+    state = [0]
+    n = len(fns)
+
+    def call():
+        i = state[0]
+        state[0] = (i + 1) % n
+        return fns[i]()
+    return call
+
+
+def synchronises(fn: Callable[[], object]) -> str | None:
+    """Run ``fn`` once with CUDA sync debugging set to error: the message when it synchronises
+    (a host-to-device copy of a Python scalar does), else None."""
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return None
+    except RuntimeError as exc:
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+        torch.cuda.synchronize()
