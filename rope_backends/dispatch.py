@@ -294,7 +294,9 @@ def apply(
     AD) and usable under ``torch.func`` transforms (vmap, grad, jvp, jacrev, jacfwd).
     """
     compiling = _is_compiling()  # dynamo folds it; is_neg() cannot be traced
-    if _RECENT_APPLY and _may_take_runner(inplace, compiling):
+    # _may_take_runner's test, inline (this is the whole host cost of a repeated call)
+    if (_RECENT_APPLY and (inplace is True or inplace is False) and not compiling and _forward_ad._current_level < 0
+            and _transform() is None and not _modes() and _jit_trace() is None):
         opts = _apply_opts(layout, rotary_dim, inplace, backend)
         try:
             for e_opts, guards, entry in _RECENT_APPLY:
@@ -363,7 +365,9 @@ def apply_qk(
     cos/sin must broadcast against both. q and k share no element (views of disjoint columns of
     one fused buffer are fine). Differentiable w.r.t. q and k, like :func:`apply`."""
     compiling = _is_compiling()  # dynamo folds it; is_neg() cannot be traced
-    if _RECENT_QK and _may_take_runner(inplace, compiling):
+    # _may_take_runner's test, inline (this is the whole host cost of a repeated call)
+    if (_RECENT_QK and (inplace is True or inplace is False) and not compiling and _forward_ad._current_level < 0
+            and _transform() is None and not _modes() and _jit_trace() is None):
         opts = _apply_opts(layout, rotary_dim, inplace, backend)
         try:
             for e_opts, guards, entry in _RECENT_QK:
@@ -449,7 +453,9 @@ def apply_cached(
     cache that requires grad is refused with grad enabled (gradients flow to q and k only).
     """
     compiling = _is_compiling()  # dynamo folds it; is_neg() cannot be traced
-    if _RECENT_CACHED and _may_take_runner(inplace, compiling):
+    # _may_take_runner's test, inline (this is the whole host cost of a repeated call)
+    if (_RECENT_CACHED and (inplace is True or inplace is False) and not compiling and _forward_ad._current_level < 0
+            and _transform() is None and not _modes() and _jit_trace() is None):
         opts = _cached_opts(layout, rotary_dim, mrope, inplace, head_dim, backend, k is None)
         try:
             for e_opts, guards, entry in _RECENT_CACHED:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import struct
 import threading
 from typing import Callable
 
@@ -424,13 +425,13 @@ def _driver_launcher(compiled, plan: Plan, fallback):
     metadata = getattr(compiled, "metadata", None)
     if not launch or not isinstance(signature, dict) or len(signature) != len(_ARG_NAMES) or metadata is None:
         return None
-    slots, pointer_slots = [], []
+    slots, pointer_params = [], []
     for n, (name, ty) in enumerate(zip(_ARG_NAMES, signature.values())):
         if ty == "constexpr":
             continue
         if isinstance(ty, str) and ty.startswith("*") and n < len(_POINTER_SLOTS["table"]):
-            slot = ctypes.c_uint64(0)
-            pointer_slots.append((n, slot))
+            pointer_params.append((n, len(slots)))
+            slot = None  # in the pointer block below
         elif ty == "i32":
             slot = ctypes.c_int32(plan.values[name])
         elif ty == "i64":
@@ -438,8 +439,17 @@ def _driver_launcher(compiled, plan: Plan, fallback):
         else:
             return None
         slots.append(slot)
-    slots += [ctypes.c_uint64(0), ctypes.c_uint64(0)]  # global scratch, profile scratch
-    params = (ctypes.c_void_p * len(slots))(*[ctypes.addressof(slot) for slot in slots])
+    # the pointers in one contiguous block, written per call by one struct.pack_into
+    pointer_block = (ctypes.c_uint64 * max(1, len(pointer_params)))()
+    addresses_of = [0] * len(slots)
+    for j, (_, at) in enumerate(pointer_params):
+        addresses_of[at] = ctypes.addressof(pointer_block) + 8 * j
+    for at, slot in enumerate(slots):
+        if slot is not None:
+            addresses_of[at] = ctypes.addressof(slot)
+    scratch = (ctypes.c_uint64 * 2)()  # global scratch, profile scratch: none
+    addresses_of += [ctypes.addressof(scratch), ctypes.addressof(scratch) + 8]
+    params = (ctypes.c_void_p * len(addresses_of))(*addresses_of)
     function = ctypes.c_void_p(compiled.function)
     gx, gy, gz = plan.grid
     threads = 32 * metadata.num_warps
@@ -449,11 +459,19 @@ def _driver_launcher(compiled, plan: Plan, fallback):
         return None
     tail = plan.tail
     working = [True]
+    kernel_order = [n for n, _ in pointer_params]
+    if len(kernel_order) == 1:
+        only = kernel_order[0]
+
+        def pick(addresses):
+            return (addresses[only],)
+    else:
+        pick = operator.itemgetter(*kernel_order)
+    pack = struct.Struct(f"<{len(kernel_order)}Q").pack_into
 
     def launch_direct(addresses):
         if working[0]:
-            for n, slot in pointer_slots:
-                slot.value = addresses[n]
+            pack(pointer_block, 0, *pick(addresses))
             err = launch(function, gx, gy, gz, threads, 1, 1, shared, stream_of(device()), params, None)
             if not err:
                 return
@@ -461,7 +479,7 @@ def _driver_launcher(compiled, plan: Plan, fallback):
                 working[0] = False
                 _LIBCUDA[0] = False
         fallback(*addresses, *tail, stream=stream_of(device()))
-    launch_direct.slots = slots  # for tests: the parameter block as built
+    launch_direct.storage = (slots, pointer_block, scratch, params)  # kept alive with the function
     return launch_direct
 
 
