@@ -94,7 +94,7 @@ def rotate(rotation: Rotation, cos: Tensor, sin: Tensor, tensors: tuple[Tensor, 
     see the call (a functorch transform, a forward-AD level, autograd), else the backend directly."""
     if (functorch_transform() is not None or _forward_ad._current_level >= 0
             or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
-        return _EagerRotation.apply(rotation, cos, sin, *tensors)
+        return _apply_rotation(rotation, cos, sin, *tensors)
     return tuple(rotation(tensors, cos, sin))
 
 
@@ -133,7 +133,7 @@ class _EagerRotation(torch.autograd.Function):
         if torch.is_grad_enabled() or functorch_transform() is not None:
             # create_graph=True records the backward too; under jacrev (vmap of the backward) the
             # gradients are batched: the Function's vmap rule hands the backend plain tensors
-            grads_in = _EagerRotation.apply(back, cos, sin, *grads)
+            grads_in = _apply_rotation(back, cos, sin, *grads)
         else:
             grads_in = back(grads, cos, sin)
         return (None, None, None, *grads_in)
@@ -180,6 +180,26 @@ class _EagerRotation(torch.autograd.Function):
         return outs, (0,) * len(outs)
 
 
+# torch's Function.apply binds the arguments to forward's signature through inspect.signature on
+# every call when setup_context is defined (~20 us of host time per call on a CI core, about as much
+# as the rest of a training call), then, with no functorch transform active, calls the C++
+# apply. forward here takes positional arguments without defaults, so the binding changes nothing:
+# outside transforms, the C++ apply directly (after unwrapping dead functorch wrappers, as torch does).
+try:
+    from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead
+    _c_apply = super(torch.autograd.Function, _EagerRotation).apply
+    _transforms_active = torch._C._are_functorch_transforms_active
+except Exception:  # another torch: Function.apply as it is
+    _c_apply = None
+
+
+def _apply_rotation(*args):
+    """``_EagerRotation.apply(*args)``, without the per-call signature binding where it changes nothing."""
+    if _c_apply is None or _transforms_active():
+        return _EagerRotation.apply(*args)
+    return _c_apply(*_unwrap_dead(args))
+
+
 def _filled(values: tuple[Tensor | None, ...], shapes: tuple) -> tuple[Tensor, ...]:
     """Gradients or tangents with zeros (of the rotated tensor's shape) standing in for None."""
     like = next(v for v in values if v is not None)
@@ -201,7 +221,7 @@ def eager_autograd_runner(backend: registry.Backend, args: RopeArgs):
     half_tables = args.half_tables
 
     def run(tensors, cos, sin):
-        return _EagerRotation.apply(rotation, *half_tables(cos, sin), *tensors)
+        return _apply_rotation(rotation, *half_tables(cos, sin), *tensors)
     return run
 
 

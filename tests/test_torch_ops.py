@@ -345,3 +345,29 @@ def test_a_cache_requiring_grad_works_under_no_grad(target):
             out, _ = rb.apply_cached(qq, None, pos, cache, inplace=inplace, backend=b)
             assert not out.requires_grad
             assert_bitwise_equal(out, reference.rotate(q, c[:, None], s[:, None], rb.Layout.NEOX, 16))
+
+
+def test_training_calls_skip_torchs_per_call_signature_binding(monkeypatch):
+    """torch's Function.apply binds arguments through inspect.signature on every call when
+    setup_context is defined (~20 us per training call); outside functorch transforms the eager
+    autograd path calls the C++ apply directly. Gradients stay those of the reference."""
+    import inspect
+
+    from rope_backends import ops, reference
+    from rope_backends.spec import Layout, RopeArgs
+
+    if ops._c_apply is None:
+        pytest.skip("this torch's Function has no C++ apply to call directly")
+    x = torch.randn(3, 2, 16, requires_grad=True)
+    cos, sin = rb.cos_sin(torch.arange(3), 16)
+    warm = rb.apply(x, cos[:, None], sin[:, None])  # the runner is kept
+    torch.autograd.grad(warm, x, torch.ones_like(warm))  # (a first grad imports what torch needs: sympy)
+    calls = []
+    real = inspect.signature
+    monkeypatch.setattr(inspect, "signature", lambda *a, **k: calls.append(1) or real(*a, **k))
+    y = rb.apply(x, cos[:, None], sin[:, None])
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    assert calls == []
+    want = reference.run(RopeArgs((g,), False, Layout.NEOX, 16, conjugate=True, cos=cos[:, None], sin=sin[:, None]))[0]
+    assert torch.equal(gx, want)
