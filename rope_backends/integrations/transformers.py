@@ -1,0 +1,405 @@
+"""Route a Hugging Face transformers model's rotary embedding through rope_backends, per instance.
+
+    from rope_backends.integrations.transformers import patch
+    with patch(model):                      # or: handle = patch(model); ...; handle.undo()
+        model.generate(...)                 # every q/k rotation runs through rb.apply_qk / rb.apply
+
+How: transformers 5.x attention modules call a module global of their ``modeling_*.py``
+(``apply_rotary_pos_emb``, ``apply_rotary_pos_emb_vision``; GPT-J's per-tensor
+``apply_rotary_pos_emb``). ``patch`` gives each attention module of *this* model its own copy of
+its class's ``forward`` in which that call goes to a rope_backends function of the same signature
+and the same results (``_rewrite.py``); the ``modeling_*.py`` module keeps its function, so other
+models of the same family -- patched or not -- are unaffected, and ``torch.compile``, gradient
+checkpointing, ``generate`` and autograd see an ordinary module. Before the first patch of a
+family, each replacement is checked against the installed transformers' own function on float32
+inputs, bit for bit; a mismatch (a transformers version that changed the formula) refuses the patch.
+
+``tables="rb"`` also replaces the model's rotary-embedding module (which computes cos/sin from
+``inv_freq`` and casts them to the activation dtype) with a lookup in ``rb.rope_config(config)
+.cos_sin_cache()`` kept in float32 -- the table a server builds -- so the rotated q/k equal those of
+a serving-style ``rb.apply_cached`` on the same tokens bit for bit, in bf16 too.
+
+This module imports no transformers code: it recognises the families by the module names of the
+functions a model calls. It must not change a transformers module's existing names, nor any
+model other than the one passed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+import rope_backends as _rb
+
+from . import _rewrite
+from ._forms import RB_DTYPES, Form, angles, contiguous_grads, verify
+from ._patching import MISSING, Edit, Patch, apply_edits, unpatched
+
+__all__ = ["patch", "SUPPORTED", "supported_families"]
+
+_PREFIX = "transformers.models."
+
+
+@dataclass(frozen=True)
+class _Family:
+    name: str          # modeling module suffix: transformers.models.<name>.modeling_<name>
+    title: str         # for docs and errors
+    mrope: str | None = None   # "chunked" (Qwen2-VL, Qwen2.5-VL) / "interleaved" (Qwen3-VL)
+    tables_form: str = "neox"  # what the rotary module returns: duplicated cos, sin / GPT-J (sin, cos) halves
+
+    @property
+    def module(self) -> str:
+        return f"{_PREFIX}{self.name}.modeling_{self.name}"
+
+
+_FAMILY_LIST = (
+    _Family("llama", "Llama"),
+    _Family("mistral", "Mistral"),
+    _Family("qwen2", "Qwen2"),
+    _Family("qwen3", "Qwen3"),
+    _Family("gemma2", "Gemma 2"),
+    _Family("gemma3", "Gemma 3"),
+    _Family("gptj", "GPT-J (interleaved, partial rotary)", tables_form="gptj"),
+    _Family("gpt_neox", "GPT-NeoX (partial rotary)"),
+    _Family("qwen2_vl", "Qwen2-VL (MRoPE, chunked)", mrope="chunked"),
+    _Family("qwen2_5_vl", "Qwen2.5-VL (MRoPE, chunked)", mrope="chunked"),
+    _Family("qwen3_vl", "Qwen3-VL (MRoPE, interleaved)", mrope="interleaved"),
+)
+_FAMILIES = {f.module: f for f in _FAMILY_LIST}
+
+#: model_type (``transformers.models.<name>``) -> description, for every supported family
+SUPPORTED: dict[str, str] = {f.name: f.title for f in _FAMILY_LIST}
+
+_TABLES = ("model", "rb")
+
+
+def supported_families() -> list[str]:
+    """The ``transformers.models.<name>`` names :func:`patch` supports."""
+    return list(SUPPORTED)
+
+
+# ------------------------------------------------------------------------------------------------
+# the replacements: same signature and results as transformers' functions, through rope_backends
+
+def _result_dtype(x: Tensor, cos: Tensor, sin: Tensor) -> torch.dtype:
+    """The dtype transformers' ``x * cos + rotate(x) * sin`` yields (type promotion)."""
+    return torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
+
+
+def _rotate_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, layout: str, rotary_dim: int) -> tuple[Tensor, Tensor]:
+    if q.dtype == k.dtype:
+        q, k = _rb.apply_qk(q, k, cos, sin, layout=layout, rotary_dim=rotary_dim)
+    else:
+        q = _rb.apply(q, cos, sin, layout=layout, rotary_dim=rotary_dim)
+        k = _rb.apply(k, cos, sin, layout=layout, rotary_dim=rotary_dim)
+    contiguous_grads(q, k)
+    return q, k
+
+
+def _make_neox_qk(original: Callable, promote: bool) -> Callable:
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        """transformers' ``apply_rotary_pos_emb`` through ``rb.apply_qk``: q ``[B, Hq, S, D]``,
+        k ``[B, Hk, S, D]`` (``[B, S, H, D]`` with ``unsqueeze_dim=2``), cos/sin ``[B, S, r]``
+        duplicated (rotate_half) form; the first r of D rotate, the rest pass through."""
+        cos = cos.unsqueeze(unsqueeze_dim)
+        sin = sin.unsqueeze(unsqueeze_dim)
+        if promote:  # transformers' result dtype (autocast: bf16 q with fp32 cos gives fp32)
+            q_dtype, k_dtype = _result_dtype(q, cos, sin), _result_dtype(k, cos, sin)
+            if q_dtype not in RB_DTYPES or k_dtype not in RB_DTYPES:
+                return original(q, k, cos.squeeze(unsqueeze_dim), sin.squeeze(unsqueeze_dim), unsqueeze_dim)
+            q, k = q.to(q_dtype), k.to(k_dtype)
+        return _rotate_qk(q, k, cos, sin, "neox", cos.shape[-1])
+
+    return apply_rotary_pos_emb
+
+
+def _make_vision_qk(original: Callable, promote: bool) -> Callable:
+    def apply_rotary_pos_emb_vision(q, k, cos, sin):
+        """transformers' ``apply_rotary_pos_emb_vision`` (computes in float32, returns q/k's
+        dtypes) through ``rb.apply_qk``, which does the same: q, k ``[S, H, D]``, cos/sin
+        ``[S, D]`` duplicated form."""
+        if q.dtype not in RB_DTYPES or k.dtype not in RB_DTYPES:
+            return original(q, k, cos, sin)
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+        return _rotate_qk(q, k, cos, sin, "neox", cos.shape[-1])
+
+    return apply_rotary_pos_emb_vision
+
+
+def _make_gptj(original: Callable, promote: bool) -> Callable:
+    def apply_rotary_pos_emb(tensor, sin, cos):
+        """GPT-J's ``apply_rotary_pos_emb`` (rotate_every_two) through ``rb.apply``: tensor
+        ``[B, S, H, r]``, sin/cos ``[B, S, r/2]`` (one value per pair)."""
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+        if promote:
+            dtype = _result_dtype(tensor, cos, sin)
+            if dtype not in RB_DTYPES:
+                return original(tensor, sin[:, :, 0, :], cos[:, :, 0, :])
+            tensor = tensor.to(dtype)
+        out = _rb.apply(tensor, cos, sin, layout="interleaved", rotary_dim=2 * cos.shape[-1])
+        contiguous_grads(out)
+        return out
+
+    return apply_rotary_pos_emb
+
+
+def _probe_neox_qk() -> list[tuple[tuple, dict]]:
+    g = torch.Generator().manual_seed(0)
+    c, s = angles(2, 5, 4, seed=1)
+    cos, sin = torch.cat((c, c), -1), torch.cat((s, s), -1)
+    bhsd = (torch.randn(2, 3, 5, 8, generator=g), torch.randn(2, 1, 5, 8, generator=g), cos, sin)
+    bshd = (torch.randn(2, 5, 3, 8, generator=g), torch.randn(2, 5, 1, 8, generator=g), cos, sin)
+    return [(bhsd, {}), (bshd, {"unsqueeze_dim": 2})]
+
+
+def _probe_vision_qk() -> list[tuple[tuple, dict]]:
+    g = torch.Generator().manual_seed(0)
+    c, s = angles(5, 4, seed=2)
+    return [((torch.randn(5, 3, 8, generator=g), torch.randn(5, 3, 8, generator=g),
+              torch.cat((c, c), -1), torch.cat((s, s), -1)), {})]
+
+
+def _probe_gptj() -> list[tuple[tuple, dict]]:
+    g = torch.Generator().manual_seed(0)
+    c, s = angles(2, 5, 4, seed=3)
+    return [((torch.randn(2, 5, 3, 8, generator=g), s, c), {})]
+
+
+_NEOX_QK = Form("neox_qk", ("q", "k", "cos", "sin", "unsqueeze_dim"), _make_neox_qk, _probe_neox_qk)
+_VISION_QK = Form("vision_qk", ("q", "k", "cos", "sin"), _make_vision_qk, _probe_vision_qk)
+_GPTJ = Form("gptj", ("tensor", "sin", "cos"), _make_gptj, _probe_gptj)
+
+# function name in a supported family's modeling module -> form
+_FORMS = {
+    "apply_rotary_pos_emb": _NEOX_QK,
+    "apply_rotary_pos_emb_vision": _VISION_QK,
+}
+_FORMS_BY_FAMILY = {"gptj": {"apply_rotary_pos_emb": _GPTJ}}
+
+_REPLACEMENTS: dict[tuple[int, bool], tuple[Callable, Callable]] = {}  # (id(original), promote) -> (original, fn)
+
+
+def _replacement(original: Callable, form: Form, promote: bool) -> Callable:
+    """The replacement for ``original`` (one object per function and variant, so the alias a
+    patch binds is the same for every patch of it)."""
+    key = (id(original), promote)
+    entry = _REPLACEMENTS.get(key)
+    if entry is None or entry[0] is not original:
+        entry = _REPLACEMENTS[key] = (original, form.make(original, promote=promote))
+    return entry[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# tables="rb": the rotary-embedding module returns rope_backends' float32 tables
+
+
+class _Tables:
+    """A rotary-embedding module's replacement ``forward``: looks positions up in a float32
+    ``cos_sin_cache`` (the one ``rb.rope_config(config).cos_sin_cache()`` builds, per layer type),
+    exactly as ``rb.apply_cached`` does, and returns them in the form the model's attention reads:
+    duplicated ``cos, sin [..., S, rotary_dim]`` (neox families) or GPT-J's ``sin, cos [..., S, r/2]``.
+    MRoPE families pick each frequency's position row (t, h, w) by the model's section layout."""
+
+    def __init__(self, caches: dict, mrope: "_rb.MRope | None", form: str) -> None:
+        self.caches = caches  # layer_type (None: the only one) -> float32 [max_position, rotary_dim] on CPU
+        self.on_device: dict = {}
+        self.axis_map = None if mrope is None else mrope.axis_map
+        self.form = form
+
+    def cache(self, layer_type: object, device: torch.device) -> Tensor:
+        key = (layer_type, device)
+        found = self.on_device.get(key)
+        if found is None:
+            if layer_type not in self.caches:
+                raise ValueError(f"layer_type: expected one of {sorted(map(str, self.caches))}, got {layer_type!r}")
+            found = self.on_device[key] = self.caches[layer_type].to(device)
+        return found
+
+    def forward(self, x: Tensor, position_ids: Tensor, layer_type: object = None) -> tuple[Tensor, Tensor]:
+        from rope_backends.reference import cos_sin_from_cache
+        from rope_backends.spec import check_position_range
+
+        cache = self.cache(layer_type if len(self.caches) > 1 else None, x.device)
+        if self.axis_map is not None:
+            position_ids = position_ids.expand(3, -1, -1)  # text-only input: one row for t, h, w
+        if position_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            check_position_range(position_ids, cache)  # as apply_cached: never a silent NaN on CPU
+        cos, sin = cos_sin_from_cache(position_ids, cache, self.axis_map)
+        if self.form == "gptj":
+            return sin, cos
+        return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+
+
+def _text_config(config: object) -> object:
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def _layer_types(fwd: Callable) -> bool:
+    try:
+        return "layer_type" in inspect.signature(fwd).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _tables_for(family: _Family, module: nn.Module, model: nn.Module, where: str) -> _Tables:
+    if not hasattr(_rb, "rope_config"):
+        raise ValueError("tables: 'rb' needs rope_backends.rope_config, which this rope_backends lacks")
+    config = getattr(module, "config", None) or _text_config(getattr(model, "config", None))
+    if config is None:
+        raise ValueError(f"tables: 'rb' needs the model's config; {where} has none")
+    if _layer_types(type(module).forward):
+        kinds = sorted(set(getattr(config, "layer_types", None) or ()))
+        if not kinds:
+            raise ValueError(f"tables: 'rb' needs config.layer_types for {where}, got none")
+    else:
+        kinds = [None]
+    caches, mrope = {}, None
+    for kind in kinds:
+        rc = _rb.rope_config(config, layer_type=kind)
+        rope_type = getattr(rc, "rope_type", "default")
+        if rope_type == "dynamic":
+            raise ValueError(
+                f"tables: 'rb' builds one table per model, but rope_type 'dynamic' changes with the sequence "
+                f"length ({where}); use tables='model'")
+        caches[kind] = rc.cos_sin_cache(dtype=torch.float32).cpu()
+        if family.mrope is not None:
+            section = getattr(rc, "mrope_section", None)
+            if not section:
+                raise ValueError(f"tables: 'rb' needs an mrope_section in the config of {where}, got {section!r}")
+            mrope = (_rb.mrope.interleaved if family.mrope == "interleaved" else _rb.mrope.chunked)(list(section))
+    lookup = _Tables(caches, mrope, family.tables_form)
+    buffer = next(iter(module.buffers()), None)
+    if buffer is not None and buffer.device.type != "cpu":
+        for kind in caches:  # the model's device now: the first call needs no copy
+            lookup.cache(kind, buffer.device)
+    return lookup
+
+
+# ------------------------------------------------------------------------------------------------
+# finding what to patch
+
+
+def _forward_of(module: nn.Module, where: str) -> tuple[str, Callable]:
+    """Which attribute to replace and the function it runs (as before any patch): the class's
+    ``forward`` normally; accelerate's hooked ``_old_forward`` when a device-map hook wraps the
+    module (its ``forward`` then calls ``_old_forward``)."""
+    own = unpatched(module, "forward")
+    if own is MISSING:
+        return "forward", type(module).forward
+    old = unpatched(module, "_old_forward")
+    if old is not MISSING and getattr(old, "__func__", None) is not None:
+        return "_old_forward", old.__func__
+    raise ValueError(
+        f"model: {where} already has its own forward (set on the instance, not by accelerate's hooks); patch the "
+        f"model before wrapping its modules")
+
+
+def _unsupported(found: list[str]) -> ValueError:
+    listed = ", ".join(f"{name} ({title})" for name, title in SUPPORTED.items())
+    got = "; ".join(found) if found else "no rotary position embedding call"
+    return ValueError(f"model: expected a model of a supported family: {listed}; got {got}")
+
+
+def patch(model: nn.Module, *, tables: str | None = None) -> Patch:
+    """Route ``model``'s rotary position embeddings through rope_backends.
+
+    model   a transformers model (``PreTrainedModel`` or any ``nn.Module`` containing one) of a
+            supported family (:data:`SUPPORTED`); the VL families' vision towers are routed too
+    tables  ``None`` / ``"model"``: keep the model's own cos/sin (results bit-equal to the
+            unpatched model in float32; in bf16/fp16 each rotation is rounded once instead of
+            after every op). ``"rb"``: also replace the model's cos/sin with
+            ``rb.rope_config(config).cos_sin_cache()`` looked up by position, in float32 -- the
+            rotated q/k then equal a serving engine's ``rb.apply_cached`` with that cache, bit for bit.
+
+    Returns a :class:`~rope_backends.integrations.Patch`: ``.undo()``, or use it as a context
+    manager. Only this model changes; patching it again shares the patch (each handle undoes its
+    share), a different ``tables`` on a patched model is a ``ValueError``. Raises ``ValueError``
+    (nothing changed) for a model of an unsupported family, listing the supported ones.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module (a transformers model), got {type(model).__name__}")
+    if tables is None:
+        tables = "model"
+    if tables not in _TABLES:
+        raise ValueError(f"tables: expected None, 'model' or 'rb', got {tables!r}")
+    rb_tables = tables == "rb"
+    edits: list[Edit] = []
+    families: dict[str, None] = {}
+    modules: list[str] = []
+    unsupported: list[str] = []
+    attention_families: dict[str, _Family] = {}
+    for where, module in model.named_modules():
+        where = where or type(model).__name__
+        attr, fwd = _forward_of(module, where)
+        names = _rewrite.rotary_names(fwd)
+        if not names:
+            continue
+        sites = _rewrite.find_sites(fwd, names)
+        plan, aliases = {}, []
+        for site in sites:
+            family = _FAMILIES.get(getattr(site.original, "__module__", ""))
+            form = None
+            if family is not None:
+                form = _FORMS_BY_FAMILY.get(family.name, _FORMS).get(getattr(site.original, "__name__", ""))
+            if family is None or form is None:
+                if site.name != "rotate_half":  # a helper of a rotary function, called on its own by no family
+                    unsupported.append(f"{where} ({type(module).__name__}) calls {site.module}")
+                continue
+            verify(site.original, form, where, "transformers", promote=True)
+            replacement = _replacement(site.original, form, promote=not rb_tables)
+            alias = f"_rope_backends__{site.name}__{'rb_tables' if rb_tables else 'model_tables'}"
+            plan[(site.kind, site.name)] = alias
+            aliases.append((site.namespace, alias, replacement))
+            families[family.name] = None
+            attention_families[where] = family
+        if not plan:
+            continue
+        modules.append(where)
+        fn = fwd
+
+        def make(fn=fn, plan=dict(plan), module=module):
+            return types.MethodType(_rewrite.redirect(fn, plan), module)
+
+        edits.append(Edit(module, attr, ("transformers", tables, tuple(sorted(plan.items()))), make,
+                          tuple(aliases), f"{where}.{attr}"))
+    if unsupported:
+        raise _unsupported(unsupported)
+    if not edits:
+        raise _unsupported([f"{type(model).__name__}: {_describe(model)}"])
+    if rb_tables:
+        edits += _table_edits(model, set(families))
+    held = apply_edits(edits)
+    return Patch("transformers", tuple(families), tuple(modules), tables, held)
+
+
+def _describe(model: nn.Module) -> str:
+    kinds = sorted({type(m).__module__ for m in model.modules() if type(m).__module__.startswith(_PREFIX)})
+    return ("modules from " + ", ".join(k[len(_PREFIX):].split(".")[0] for k in kinds)) if kinds else \
+        "no transformers modules"
+
+
+def _table_edits(model: nn.Module, families: set[str]) -> list[Edit]:
+    edits = []
+    for where, module in model.named_modules():
+        cls = type(module)
+        family = _FAMILIES.get(cls.__module__)
+        if family is None or family.name not in families:
+            continue
+        if not cls.__name__.endswith("RotaryEmbedding") or "Vision" in cls.__name__:
+            continue
+        if unpatched(module, "forward") is not MISSING:
+            raise ValueError(f"model: {where} already has its own forward; patch the model before wrapping its modules")
+        lookup = _tables_for(family, module, model, where)
+        edits.append(Edit(module, "forward", ("transformers", "rb"), lambda lookup=lookup: lookup.forward, (),
+                          f"{where}.forward"))
+    if not edits:
+        raise ValueError(
+            f"tables: 'rb' replaces the model's rotary-embedding module, but {type(model).__name__} has none this "
+            f"transformers version builds (families {sorted(families)}); use tables='model'")
+    return edits
