@@ -2,7 +2,7 @@
 
     python bench/report.py bench/results/<device>-<date>.json [--out bench/results/README-table.md]
 
-Writes the Markdown (tables per group, the issue-3 targets, the environment line and the byte
+Writes the Markdown (tables per group, the targets, the environment line and the byte
 counting rule) to ``bench/results/README-table.md`` by default, and ``<json stem>.png`` next to
 the JSON when matplotlib is installed (referenced from the Markdown). Reads only the JSON: nothing
 is re-measured.

@@ -4,6 +4,10 @@
         torch / triton / torch_npu versions, devices, GPU vendor (CUDA or ROCm), the backend each
         device type gets, every backend with its availability (and the reason when unavailable).
 
+    python -m rope_backends tune [--quick] [--out PATH]
+        measures this GPU's best Triton tile per shape class (a few minutes) and writes the table
+        that every later process on this GPU reads (see rope_backends/backends/triton/tune.py).
+
     python -m rope_backends check [--backend NAME ...] [--device TYPE] [--expect NAME] [--full] [--names FILE] [--shard K/N] [--bench] [-v]
         runs the shipped conformance suite (rope_backends.testing: cases and error cases) on every
         device type and backend this machine can run, prints one row per target (backend, device,
@@ -86,6 +90,19 @@ def cmd_info(args: argparse.Namespace) -> int:
         rows.append([b.name, str(b.priority), ", ".join(b.device_types) or "-",
                      ", ".join(b.explicit_device_types) or "-", "yes" if b.available else "no", b.reason or ""])
     _p(_table(rows, ["backend", "priority", "serves", "also when named", "available", "reason"]))
+    if p.gpu_count and p.triton:
+        from .backends.triton import tuning
+
+        _p("")
+        _p("triton tiles (python -m rope_backends tune writes this GPU's own table):")
+        for i in range(p.gpu_count):
+            try:
+                table = tuning.table_for(i)
+            except Exception as exc:  # a GPU whose properties cannot be read (a broken driver)
+                _p(f"  cuda:{i}: unknown ({type(exc).__name__}: {exc})")
+                continue
+            where = f": {table.path}" if table.path else " (no table for this GPU: tiles from its SM count)"
+            _p(f"  cuda:{i} {table.device['key']}: {table.source}{where}, {len(table.entries)} shape classes")
     if plugin_errors:
         _p("")
         _p("plug-ins that failed to load (entry-point group rope_backends.backends):")
@@ -307,6 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rope_backends", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("info", help="versions, devices, GPU vendor, backends and what each device type gets")
+    sub.add_parser("tune", add_help=False, help="measure this GPU's Triton tiles and save them (see tune --help)")
     check = sub.add_parser("check", help="run the conformance suite on every backend and device here")
     check.add_argument("--backend", action="append", default=None, metavar="NAME",
                        help="only this backend (repeatable)")
@@ -322,6 +340,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "'#' starts a comment)")
     check.add_argument("-v", "--verbose", action="store_true", help="one line per case")
     check.add_argument("--max-failures", type=int, default=30, help="failures listed (default 30)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["tune"]:
+        from .backends.triton import tune
+
+        return tune.main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "info":
         return cmd_info(args)

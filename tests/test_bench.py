@@ -33,7 +33,7 @@ DOC_KEYS = ("schema", "date", "device", "device_label", "versions", "command", "
 
 @pytest.fixture(scope="module")
 def doc():
-    return bm.run_device("cpu", ["diffusion", "llm", "mrope", "backward", "dispatch"], **TINY)
+    return bm.run_device("cpu", ["diffusion", "qk", "llm", "mrope", "backward", "dispatch"], **TINY)
 
 
 def test_document_schema(doc):
@@ -50,14 +50,14 @@ def test_document_schema(doc):
 
 def test_rows_schema_and_values(doc):
     rows = doc["rows"]
-    assert {r["group"] for r in rows} == {"diffusion", "llm", "mrope", "backward", "dispatch"}
+    assert {r["group"] for r in rows} == {"diffusion", "qk", "llm", "mrope", "backward", "dispatch"}
     for r in rows:
         for key, kind in ROW_KEYS.items():
             assert isinstance(r[key], kind), (key, r)
         assert r["us"] > 0 and math.isfinite(r["us"])
         assert r["gbps"] == pytest.approx(r["bytes"] / r["us"] / 1e3)
         assert r["pct_copy"] == pytest.approx(100 * r["gbps"] / doc["copy_bandwidth"]["gbps"])
-        if r["implementation"] == bm.SAME_BYTES_COPY:
+        if r["implementation"] in (bm.SAME_BYTES_COPY, bm.TORCH_OP):
             assert r["bit_exact"] is None and r["kind"] == "baseline", r  # computes no rope
         else:
             assert isinstance(r["bit_exact"], bool), r
@@ -92,22 +92,26 @@ def test_groups_cover_their_cases(doc):
     mrope = {r["scenario"] for r in rows if r["group"] == "mrope"}
     assert len(mrope) == 4 and "plain" in mrope
     assert {r["op"] for r in rows if r["group"] == "backward"} == {"forward", "backward"}
-    assert {r["layout"] for r in rows if r["group"] == "diffusion"} == {"interleaved"}
+    assert {r["layout"] for r in rows if r["group"] == "diffusion"} == {"interleaved", "neox"}  # the largest: both
+    assert {(r["op"], r["layout"]) for r in rows if r["group"] == "qk"} == {("apply_qk", "neox")}
 
 
 def test_same_bytes_copy_baseline(doc):
-    """Every diffusion and LLM case has a copy of as many bytes, and the summary sets each rope
-    call against it (informational: no limit, never judged)."""
+    """Every diffusion, q+k and LLM case has a copy of as many bytes, and the summary sets each rope
+    call against it: a target (97 % of the copy) for the smaller diffusion shapes and apply_cached
+    at T >= 4096, informational elsewhere; never judged off the GPU."""
     rows = doc["rows"]
-    rope = [r for r in rows if r["group"] in ("diffusion", "llm") and r["implementation"] == "eager"]
+    groups = ("diffusion", "qk", "llm")
+    rope = [r for r in rows if r["group"] in groups and r["implementation"] == "eager"]
     copies = {(r["scenario"], r["op"], r["shape"]): r for r in rows if r["implementation"] == bm.SAME_BYTES_COPY}
     assert rope and {(r["scenario"], r["op"], r["shape"]) for r in rope} == set(copies)
     assert all(c["bytes"] == r["bytes"] for r in rope for c in [copies[(r["scenario"], r["op"], r["shape"])]])
-    assert not any(r["implementation"] == bm.SAME_BYTES_COPY for r in rows if r["group"] not in ("diffusion", "llm"))
+    assert not any(r["implementation"] == bm.SAME_BYTES_COPY for r in rows if r["group"] not in groups)
     ratios = [s for s in doc["summary"] if "same-bytes copy" in s["target"]]
-    assert len(ratios) == len([r for r in rope if r["group"] == "diffusion" or r["tokens"] >= 4096])
+    assert len(ratios) == len([r for r in rope if r["group"] != "llm" or r["tokens"] >= 4096])
     for s in ratios:
-        assert s["limit"] is None and s["met"] is None and s["value"] > 0
+        assert s["limit"] in (None, bm.SAME_BYTES_TARGET) and s["met"] is None and s["value"] > 0
+    assert {s["limit"] for s in ratios} == {None, bm.SAME_BYTES_TARGET}
 
 
 def test_dispatch_overhead_fields(doc):
@@ -241,7 +245,7 @@ def test_json_report_and_plot(doc, tmp_path, monkeypatch):
 
 def test_tables_are_printable(doc):
     text = bm.format_tables(doc)
-    for group in ("diffusion", "llm", "mrope", "backward", "dispatch"):
+    for group in ("diffusion", "qk", "llm", "mrope", "backward", "dispatch"):
         assert f"### {group}" in text
     assert "targets" in text and "copy bandwidth" in text
 
@@ -258,7 +262,7 @@ def test_time_budget_skips_the_rest_and_still_reports():
     doc = bm.run_device("cpu", ["diffusion", "dispatch", "rope_index"], budget_s=0.0, **TINY)
     assert doc["rows"] == []
     reasons = [s["reason"] for s in doc["skipped"] if "budget" in s["reason"]]
-    assert len(reasons) == len(bm.DIFFUSION_SHAPES["tiny"]) + 2 + 1  # cases + dispatch cases + rope_index
+    assert len(reasons) == len(bm.DIFFUSION_SHAPES["tiny"]) + 1 + 2 + 1  # cases (+ neox) + dispatch + rope_index
     first = next(s for s in doc["skipped"] if "budget" in s["reason"])
     assert first["group"] == "dispatch"  # run first: a budget never cuts the cheap target
     assert "### targets" not in bm.format_tables(doc)
@@ -267,8 +271,8 @@ def test_time_budget_skips_the_rest_and_still_reports():
 def test_checkpoints_after_every_case():
     seen = []
     doc = bm.run_device("cpu", ["dispatch"], checkpoint=seen.append, **TINY)
-    assert [len(d["rows"]) for d in seen] == [2, 4] and all(d["partial"] for d in seen)  # rb.* and eager.forward
-    assert doc["partial"] is False and len(doc["rows"]) == 4
+    assert [len(d["rows"]) for d in seen] == [3, 6] and all(d["partial"] for d in seen)  # rb.*, eager.forward, one op
+    assert doc["partial"] is False and len(doc["rows"]) == 6
 
 
 def test_run_short(monkeypatch, tmp_path, capsys):
@@ -299,7 +303,7 @@ def test_command_line(tmp_path):
     saved = json.loads(path.read_text())
     assert saved["command"].startswith("python -m bench --device cpu")
     assert saved["partial"] is False  # the final write replaced the per-case checkpoints
-    assert {r["implementation"] for r in saved["rows"]} == {"rb.apply", "rb.apply_cached", "eager.forward"}
+    assert {r["implementation"] for r in saved["rows"]} == {"rb.apply", "rb.apply_cached", "eager.forward", bm.TORCH_OP}
 
 
 def test_command_line_rejects_unknown_group():
@@ -316,7 +320,13 @@ def test_direct_launch_floor_runs_once_per_call(monkeypatch, op):
     1 to its outputs; after building, the inputs are untouched, and one call adds exactly 1."""
     from rope_backends.backends.triton import launch
 
+    live = {}  # address -> tensor: the launch functions get addresses, as Triton's take them
+
     def bump(ptrs):  # out = in + 1 for (q, qo) and (k, ko)
+        ptrs = [live.get(p, p) if isinstance(p, int) else p for p in ptrs]
+        for t in ptrs:
+            if isinstance(t, torch.Tensor):
+                live[t.data_ptr()] = t
         for i, o in ((ptrs[0], ptrs[1]), (ptrs[2], ptrs[3])):
             if o is not None:
                 o.copy_(i + 1)
@@ -326,17 +336,36 @@ def test_direct_launch_floor_runs_once_per_call(monkeypatch, op):
             return lambda *ptrs, stream=None: bump(ptrs)
 
     class Kernel:
+        run_calls = 0
+
         def run(self, *ptrs, grid=None, warmup=False, **meta):
             bump(ptrs)
             return Compiled()
 
-    monkeypatch.setattr(launch, "_kernel", lambda: Kernel())
-    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 0, raising=False)
-    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
+    kernel = Kernel()
+    with monkeypatch.context() as m:  # the real kernel's parameter names, imported as the interpreter's
+        m.setenv("TRITON_INTERPRET", "1")  # (a process must not hold a GPU-compiled kernel module then
+        launch._kernel()                   # run tests/test_triton_backend.py)
+    monkeypatch.setattr(launch, "_KERNEL", kernel)
+    monkeypatch.setattr(launch, "_PLANS", {})
+    monkeypatch.setattr(launch, "_RAW", [False])
+    monkeypatch.setattr(launch.platform, "triton_interpret", lambda: False)
+    monkeypatch.setattr(launch, "_raw_stream", lambda device: 0)
+    monkeypatch.setattr(launch, "_current_device", lambda: 0)
+    real_empty_like = torch.empty_like
+
+    def recorded_empty_like(t, *a, **kw):  # outputs made per call: known to the stand-in by address
+        out = real_empty_like(t, *a, **kw)
+        live[out.data_ptr()] = out
+        return out
+    monkeypatch.setattr(torch, "empty_like", recorded_empty_like)
     case = next(c for c in bm._dispatch_cases(torch.device("cpu")) if c.op == op)
     d = case.make(0)
     before = {k: v.clone() for k, v in d.items() if isinstance(v, torch.Tensor)}
     run = bm._direct_triton(d, op)
+    for t in d.values():
+        if isinstance(t, torch.Tensor):
+            live[t.data_ptr()] = t
     for key, value in before.items():
         assert torch.equal(d[key], value), f"{key} changed while the floor was built"
     outs = run()

@@ -15,6 +15,7 @@ offsets decided by extent, launch heuristics and their cache); import hygiene an
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -28,7 +29,7 @@ import triton.language as tl  # noqa: E402
 import rope_backends as rb  # noqa: E402
 from rope_backends import mrope, platform, reference  # noqa: E402
 from rope_backends.backends import triton as triton_backend  # noqa: E402
-from rope_backends.backends.triton import launch  # noqa: E402
+from rope_backends.backends.triton import launch, tuning  # noqa: E402
 from rope_backends.spec import Layout, MRope, RopeArgs  # noqa: E402
 from rope_backends.testing import assert_bitwise_equal, check_case  # noqa: E402
 from rope_backends.testing.cases import RopeCase  # noqa: E402
@@ -204,8 +205,8 @@ _CONVERT = []
 
 def _convert(x_ptr, y_ptr, N: tl.constexpr):
     i = tl.arange(0, N)
-    v = _K._f32(tl.load(x_ptr + i))
-    tl.store(y_ptr + i, _K._round_to(v, y_ptr.dtype.element_ty))
+    v = _K._f32(tl.load(x_ptr + i), True)  # EXACT_CASTS: what the interpreter runs
+    tl.store(y_ptr + i, _K._round_to(v, y_ptr.dtype.element_ty, True))
 
 
 def _run_convert(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -257,14 +258,14 @@ def test_float64_rounds_like_tensor_float():
 
 
 # --------------------------------------------------------------------------------------------
-# geometry and launch heuristics
+# geometry, tiles and the launch
 
 def _args(x, cos, sin, *, inplace=False, layout=Layout.NEOX, rotary_dim=None):
     return RopeArgs((x,), inplace, layout, rotary_dim or x.shape[-1], cos=cos, sin=sin)
 
 
 def _lead_sizes(plan):
-    return plan.ints[0], plan.ints[1]  # L1, L2 (L0 is implied by the unit count)
+    return plan.values["L1"], plan.values["L2"]  # L0 is implied by the row count
 
 
 def test_collapse_contiguous_tokens_to_one_lead_dim():
@@ -272,7 +273,8 @@ def test_collapse_contiguous_tokens_to_one_lead_dim():
     cos = torch.empty(2, 7, 1, 16)  # per (batch, token): mergeable with x
     plan = launch.plan_for(_args(x, cos, cos))
     assert _lead_sizes(plan) == (1, 1)
-    assert plan.ints[3:5] == (2 * 7 * 3, 3)  # q units, q heads
+    assert (plan.values["rows"], plan.values["q_heads"]) == (2 * 7, 3)
+    assert not plan.values["COS_PER_HEAD"]
 
 
 def test_bshd_with_token_cos_keeps_two_lead_dims():
@@ -280,6 +282,12 @@ def test_bshd_with_token_cos_keeps_two_lead_dims():
     cos = torch.empty(7, 1, 16)  # broadcast over the batch: the batch dim cannot merge
     plan = launch.plan_for(_args(x, cos, cos))
     assert _lead_sizes(plan) == (7, 1)
+
+
+def test_cos_per_head_is_a_constexpr():
+    x = torch.empty(4, 3, 32)
+    assert launch.plan_for(_args(x, torch.empty(4, 3, 16), torch.empty(4, 3, 16))).values["COS_PER_HEAD"]
+    assert not launch.plan_for(_args(x, torch.empty(4, 1, 16), torch.empty(4, 1, 16))).values["COS_PER_HEAD"]
 
 
 def test_more_than_three_lead_dims_split_and_stay_exact():
@@ -309,14 +317,14 @@ def test_int64_offsets_decided_by_extent():
     small = torch.empty(1 << 10, 8, 128, device="meta", dtype=torch.bfloat16)
     big = torch.empty((1 << 21) + 1, 8, 128, device="meta", dtype=torch.bfloat16)  # > 2**31 elements
     cos = torch.empty(1, 1, 64, device="meta")
-    assert not launch.plan_for(_args(small, cos, cos)).meta["INT64"]
-    assert launch.plan_for(_args(big, cos, cos)).meta["INT64"]
+    assert not launch.plan_for(_args(small, cos, cos)).values["INT64"]
+    assert launch.plan_for(_args(big, cos, cos)).values["INT64"]
     # offsets count from the view's first element: far into a big storage is still int32 ...
     far = torch.empty(1 << 32, device="meta").as_strided((4, 8, 128), (1024, 128, 1), 3 << 30)
-    assert not launch.plan_for(_args(far, cos, cos)).meta["INT64"]
+    assert not launch.plan_for(_args(far, cos, cos)).values["INT64"]
     # ... but a few elements 2**30 apart span more than 2**31
     spread = torch.empty(1 << 32, device="meta").as_strided((4, 8, 128), (1 << 30, 128, 1))
-    assert launch.plan_for(_args(spread, cos, cos)).meta["INT64"]
+    assert launch.plan_for(_args(spread, cos, cos)).values["INT64"]
 
 
 def test_fp_fusion_is_off_and_plans_are_cached(monkeypatch):
@@ -330,87 +338,215 @@ def test_fp_fusion_is_off_and_plans_are_cached(monkeypatch):
         rb.apply(x, cos, cos, backend="triton")
     assert len(built) == 1
     plan = launch.plan_for(_args(x, cos, cos))
-    assert plan.meta["enable_fp_fusion"] is False
+    assert plan.options()["enable_fp_fusion"] is False
+    assert plan.values["EXACT_CASTS"] is True  # the interpreter's casts are not trusted
 
 
-def test_gpu_heuristic_ends(monkeypatch):
-    """Long sequences: many heads per program; decode: one unit per program."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setitem(launch._SMS, 0, 132)
-    dev = torch.device("cuda", 0)
-    big_m, big_w = launch._tile(115200 * 24, 115200 * 24, 128, dev)
-    assert big_m >= 8 and big_w >= 4
-    assert launch._tile(4096 * 40, 4096 * 32, 128, dev, 2048) == (16, 4)  # positions: bigger tiles
-    assert launch._tile(40, 32, 128, dev) == (1, 1)  # decode: 32 q + 8 k heads, one token
-    mid_m, _ = launch._tile(4096 * 40, 4096 * 32, 128, dev)
-    assert -(-4096 * 40 // mid_m) >= 4 * 132
-    monkeypatch.setattr(platform, "gpu_vendor", lambda: "rocm")
-    assert launch._tile(115200 * 24, 115200 * 24, 128, dev)[1] == max(1, big_w // 2)
-
-
-def test_direct_launch_arguments_follow_the_kernel_signature():
-    """Direct launches pass ``plan.tail`` (ints, then constexpr values) after the 9 pointers, in
-    the order of rope_kernel's parameters; under the interpreter they go through run() only."""
+def test_plan_values_are_the_kernels_parameters():
+    """The plan holds every non-pointer parameter of rope_kernel by name; ``tail`` is them in the
+    kernel's order, after its nine pointers (the one place the order is written is the kernel)."""
     from rope_backends.backends.triton import kernel
 
     x = torch.randn(6, 4, 32)
     cos = torch.rand(6, 1, 16)
-    rb.apply(x, cos, cos, backend="triton")
     plan = launch.plan_for(_args(x, cos, cos))
     names = kernel.rope_kernel.arg_names
-    assert len(names) == 9 + len(plan.tail)
-    assert dict(zip(names[9 + len(plan.ints):], plan.tail[len(plan.ints):])) == {
-        k: plan.meta[k] for k in launch._CONSTEXPRS}
-    assert launch._FAST is False and plan.compiled == {}
+    pointers = [n for n in names if n.endswith("_ptr")]
+    assert names[:len(pointers)] == pointers and len(pointers) == 9
+    assert list(names[len(pointers):]) == list(plan.values) or set(names[len(pointers):]) == set(plan.values)
+    assert plan.tail == tuple(plan.values[n] for n in names[len(pointers):])
+    assert plan.launchers == {}  # the interpreter always goes through run()
+
+
+# the tile: what tuning.concrete makes of tile parameters on a 132-SM GPU
+
+_H200_SMS = 132
+
+
+def _shape(rows, heads, *, rot=128, head_dim=128, kind="table", interleaved=False, elem_bytes=2):
+    return tuning.Shape(kind, interleaved, elem_bytes, rot, head_dim, False, rows, tuple(heads))
+
+
+def test_tiles_are_powers_of_two_and_divide_the_heads():
+    """num_warps, BLOCK_T and BLOCK_H are powers of two (Triton needs it; the long fuzz profile once
+    found num_warps=3 for head_dim 388), BLOCK_H divides every head count (no masked heads), and
+    each thread moves at most vec_bytes per access, for every class's rule and extreme params."""
+    for heads in ((1,), (3,), (24, 8), (32, 8), (28, 4), (12,), (64, 64), (5, 1)):
+        for rows in (1, 7, 64, 4096, 115200):
+            for rot, head_dim in ((2, 2), (32, 64), (64, 64), (128, 128), (130, 388), (256, 256)):
+                for interleaved in (False, True):
+                    shape = _shape(rows, heads, rot=rot, head_dim=head_dim, interleaved=interleaved)
+                    for params in (tuning.rule(shape.shape_class()), tuning.TileParams(64, 32, 8),
+                                   tuning.TileParams(1, 1, 32)):
+                        tile = tuning.concrete(shape, params, _H200_SMS)
+                        for v in tile:
+                            assert v >= 1 and v & (v - 1) == 0, (shape, params, tile)
+                        assert 1 <= tile.num_warps <= 8
+                        assert all(h % tile.block_h == 0 for h in heads), (heads, tile)
+
+
+def test_tiles_fill_the_gpu_and_share_cos_over_heads():
+    rule = lambda shape: tuning.concrete(shape, tuning.rule(shape.shape_class()), _H200_SMS)  # noqa: E731
+    big = _shape(115200, (24,), interleaved=True)
+    tile = rule(big)
+    assert tile.block_h == 8 and tile.block_t * tile.block_h >= 8  # cos/sin loaded once for 8 heads
+    mid = _shape(4096, (32, 8), kind="cached")
+    tile = rule(mid)
+    programs = -(-4096 // tile.block_t) * (-(-32 // tile.block_h) + -(-8 // tile.block_h))
+    assert programs >= 2 * _H200_SMS
+    decode = rule(_shape(1, (32, 8), kind="cached"))
+    assert decode.block_t == 1
+    rocm = tuning.concrete(big, tuning.rule(big.shape_class()), _H200_SMS, rocm=True)
+    assert rocm.num_warps == max(1, tile.num_warps // 2) or rocm.num_warps <= tuning.concrete(
+        big, tuning.rule(big.shape_class()), _H200_SMS).num_warps
+
+
+def test_shape_classes():
+    assert _shape(1, (32, 8), kind="cached").shape_class().size == "decode"
+    assert _shape(64, (32, 8)).shape_class().size == "decode"
+    assert _shape(4096, (32, 8)).shape_class().size == "medium"
+    assert _shape(115200, (24,)).shape_class().size == "large"
+    assert _shape(512, (2,), rot=64, head_dim=64).shape_class() == tuning.ShapeClass("table", False, 2, 32, "small")
+    assert len(set(tuning.classes())) == 2 * 2 * 2 * 3 * 4
+
+
+def test_forced_tile_applies_and_restores():
+    x = torch.randn(6, 4, 32)
+    cos = torch.rand(6, 1, 16)
+    try:
+        launch.set_config(2, 2, 1)
+        plan = launch.plan_for(_args(x, cos, cos))
+        assert plan.tile == tuning.Tile(2, 2, 1) and plan.grid == (3 * 2, 1, 1)
+        assert_bitwise_equal(rb.apply(x, cos, cos, backend="triton"), reference.run(_args(x, cos, cos))[0])
+    finally:
+        launch.set_config(None)
+    assert launch.plan_for(_args(x, cos, cos)).tile != tuning.Tile(2, 2, 1)
+
+
+def test_tile_table_lookup(monkeypatch, tmp_path):
+    """A user file (written by ``tune``) beats the shipped table, which beats the rule; a class the
+    table lacks takes the nearest measured one of the same kind, layout and size; a file for another
+    kernel's tile format is ignored with a warning."""
+    class Props:
+        name, major, minor, multi_processor_count, L2_cache_size = "NVIDIA Test GPU", 9, 0, 132, 60 << 20
+
+    monkeypatch.setattr(tuning, "_device_props", lambda index: Props())
+    monkeypatch.setenv("ROPE_BACKENDS_CACHE_DIR", str(tmp_path))
+    key = tuning.device_key(props=Props())
+    assert key == "nvidia-test-gpu-sm90-132sm-60mb"
+    tuning.reload()
+    assert tuning.table_for(0).source == "rule"
+    cls = tuning.ShapeClass("table", True, 2, 64, "large")
+    doc = {"schema": tuning.SCHEMA, "tile_format": tuning.TILE_FORMAT,
+           "entries": [tuning.entry_doc(cls, tuning.TileParams(32, 4, 32))]}
+    path = tuning.user_table_path(key)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(doc))
+    tuning.reload()
+    table = tuning.table_for(0)
+    assert table.source == "user file" and table.params(cls) == tuning.TileParams(32, 4, 32)
+    near = tuning.ShapeClass("table", True, 2, 32, "large")
+    assert table.params(near) == tuning.TileParams(32, 4, 32)
+    other = tuning.ShapeClass("cached", False, 2, 64, "decode")
+    assert table.params(other) == tuning.rule(other)
+    path.write_text(json.dumps(dict(doc, tile_format=tuning.TILE_FORMAT + 1)))
+    tuning.reload()
+    assert tuning.table_for(0).source == "rule"
+    tuning.reload()
+
+
+def test_tile_table_errors_name_the_entry():
+    with pytest.raises(ValueError, match="schema"):
+        tuning.parse_table({"schema": "other"}, "f.json")
+    bad = {"schema": tuning.SCHEMA, "tile_format": tuning.TILE_FORMAT,
+           "entries": [{"class": {"kind": "table", "interleaved": True, "elem_bytes": 2, "width": 64,
+                                  "size": "huge"}, "params": {"units": 8, "block_h": 8, "vec_bytes": 16}}]}
+    with pytest.raises(ValueError, match="entry 0"):
+        tuning.parse_table(bad, "f.json")
+    with pytest.raises(ValueError, match="units"):
+        tuning.TileParams(6, 1, 16)
+
+
+def test_shipped_tables_parse():
+    for path in sorted(tuning._SHIPPED.glob("*.json")):
+        entries = tuning.parse_table(json.loads(path.read_text()), str(path))
+        assert entries, path
 
 
 def test_direct_launch_path(monkeypatch):
-    """The GPU's direct-launch path, with a stand-in for Triton's CompiledKernel: the first call
-    of a (plan, pointer alignment) goes through run() and keeps what it returns; later calls
-    launch that with a 3-d grid and the pointers + ``plan.tail``; another alignment compiles
-    again; a launcher that rejects the arguments (TypeError) turns the direct path off."""
+    """The GPU's launch path, with stand-ins for Triton's objects: the first call of a (plan,
+    pointer alignment) goes through run() and keeps a launcher made from what run returns; later
+    calls hand that launcher the pointers' addresses (ints); another alignment compiles again.
+    With Triton 3.6's NVIDIA launcher (``CudaLauncher``, C format ``iiiKKppOOOOOO``) and nothing that
+    needs its Python wrapper, the C ``launch`` function is called bare with the plan's fixed tail."""
     calls = []
 
+    class CLaunch:
+        __name__ = "launch"
+
+        def __call__(self, *args):
+            calls.append(("raw", args))
+
+    class FakeCudaLauncher:
+        global_scratch_size = profile_scratch_size = 0
+        launch_cooperative_grid = launch_pdl = False
+        num_ctas = 1
+        launch = CLaunch()
+
     class Compiled:
+        function, packed_metadata = 1234, (4, 1, 0)
+        run = FakeCudaLauncher()
+
         def __getitem__(self, grid):
-            g0, g1, g2 = grid[0], grid[1], grid[2]  # what CompiledKernel's runner reads
-
-            def runner(*args):
-                calls.append(("direct", (g0, g1, g2), args))
+            def runner(*args, stream=None):
+                calls.append(("runner", tuple(grid), args, stream))
             return runner
-
-        def __call__(self, *args):  # what plan.compiled holds is the runner, not the kernel
-            raise AssertionError("plan.compiled must hold CompiledKernel[grid]")
 
     class Kernel:
         def run(self, *args, grid, warmup, **meta):
             calls.append(("run", grid, args))
             return Compiled()
 
-    monkeypatch.setattr(launch, "_FAST", True)
     monkeypatch.setattr(launch, "_KERNEL", Kernel())
-    monkeypatch.setattr(launch, "_PLANS", {})  # plans holding stand-ins go away with the test
+    monkeypatch.setattr(launch, "_PLANS", {})
+    monkeypatch.setattr(launch, "_raw_stream", lambda device: 77)
+    monkeypatch.setattr(launch, "_current_device", lambda: 0)
+    monkeypatch.setattr(platform, "triton_interpret", lambda: False)
     x = torch.randn(4, 2, 32)
     cos = torch.rand(4, 1, 16)
     plan = launch.plan_for(_args(x, cos, cos))
-    ptrs = (x, torch.empty_like(x), None, None, cos, cos, None, None, None)
+    out = torch.empty_like(x)
+    ptrs = (x, out, None, None, cos, cos, None, None, None)
+    addresses = (x.data_ptr(), out.data_ptr(), None, None, cos.data_ptr(), cos.data_ptr(), None, None, None)
+
+    monkeypatch.setattr(launch, "_RAW", [False])  # an unknown Triton: CompiledKernel[grid]
     launch._launch(plan, ptrs)
     launch._launch(plan, ptrs)
-    assert [c[0] for c in calls] == ["run", "direct"]
-    assert calls[1][1] == (plan.grid[0], 1, 1) and calls[1][2] == ptrs + plan.tail
+    assert [c[0] for c in calls] == ["run", "runner"]
+    assert calls[1][2] == addresses + plan.tail and calls[1][3] == 77
     misaligned = torch.empty(4 * 2 * 32 + 1)[1:].view(4, 2, 32)  # 4 bytes off a 16-byte boundary
     launch._launch(plan, (misaligned,) + ptrs[1:])
-    assert calls[-1][0] == "run" and len(plan.compiled) == 2
+    assert calls[-1][0] == "run" and len(plan.launchers) == 2
 
-    class Rejecting(Compiled):
-        def __getitem__(self, grid):
-            def runner(*args):
-                raise TypeError("function takes exactly 70 arguments")
-            return runner
-
-    plan.compiled[True] = Rejecting()[plan.grid]
+    calls.clear()
+    plan.launchers.clear()
+    monkeypatch.setattr(launch, "_RAW", [FakeCudaLauncher])  # Triton 3.6's NVIDIA launcher
     launch._launch(plan, ptrs)
-    assert calls[-1][0] == "run" and launch._FAST is False
+    launch._launch(plan, ptrs)
+    assert [c[0] for c in calls] == ["run", "raw"]
+    gx, gy, gz = plan.grid
+    assert calls[1][1] == (gx, gy, gz, 77, 1234, False, False, None, None, (4, 1, 0), None, None, None,
+                           *addresses, *plan.tail)
+
+    calls.clear()
+    plan.launchers.clear()
+    FakeCudaLauncher.global_scratch_size = 64  # scratch memory: the Python wrapper is needed
+    try:
+        launch._launch(plan, ptrs)
+        launch._launch(plan, ptrs)
+    finally:
+        FakeCudaLauncher.global_scratch_size = 0
+    assert [c[0] for c in calls] == ["run", "runner"]
 
 
 def test_interpreter_uses_few_programs():
@@ -418,6 +554,21 @@ def test_interpreter_uses_few_programs():
     cos = torch.empty(6, 1, 16)
     plan = launch.plan_for(_args(x, cos, cos))
     assert plan.grid == (1, 1, 1)
+
+
+def test_interpreter_launches_from_two_threads():
+    """The interpreter patches triton.language while it runs a kernel: launches from two threads
+    at once raised InterpreterError. They take turns (launch._INTERPRETER_LOCK)."""
+    import concurrent.futures
+
+    g = torch.Generator().manual_seed(9)
+    xs = [torch.randn(3, 2, 32, generator=g) for _ in range(8)]
+    cos, sin = torch.rand(3, 1, 16, generator=g), torch.rand(3, 1, 16, generator=g)
+    want = [reference.run(_args(x, cos, sin))[0] for x in xs]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda x: rb.apply(x, cos, sin, backend="triton"), xs))
+    for g_, w in zip(got, want):
+        assert_bitwise_equal(g_, w)
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,27 +600,6 @@ def test_importing_rope_backends_does_not_import_triton():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "False False"
-
-
-def test_gpu_tile_num_warps_is_a_power_of_two(monkeypatch):
-    """Found by the long fuzz profile on the H100: head_dim 388, rotary_dim 130 out of place made a
-    768-element tile and num_warps=3, which Triton's compiler rejects. Every tile must give a power
-    of two, whatever the rotated/pass-through widths and unit counts."""
-    from rope_backends import platform
-    from rope_backends.backends.triton import launch
-
-    monkeypatch.setattr(platform, "triton_interpret", lambda: False)
-    monkeypatch.setattr(launch, "_sms", lambda device: 132)
-    device = torch.device("cuda", 0)
-    for head_dim in range(2, 520, 2):
-        for rot in sorted({2, head_dim // 2 - head_dim // 2 % 2 or 2, head_dim}):
-            half = rot // 2
-            unit_elems = 2 * launch._pow2(half) + (launch._pow2(head_dim - rot) if rot < head_dim else 0)
-            for units in (1, 7, 1000, 10**6):
-                for tile in (1024, 2048):
-                    block_m, num_warps = launch._tile(units, units, unit_elems, device, tile)
-                    assert num_warps & (num_warps - 1) == 0 and 1 <= num_warps <= 4, (head_dim, rot, units, num_warps)
-                    assert block_m & (block_m - 1) == 0, (head_dim, rot, units, block_m)
 
 
 def test_repeated_calls_run_the_prepared_runner_bit_exact():
@@ -523,3 +653,41 @@ def test_kernel_source_has_no_unary_minus_on_values():
     bad = [f"line {n.lineno}" for n in ast.walk(tree)
            if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub) and not isinstance(n.operand, ast.Constant)]
     assert not bad, f"unary minus on a value in kernel.py at {bad}"
+
+
+def test_tuner_end_to_end_with_stand_in_timing(monkeypatch, tmp_path):
+    """``python -m rope_backends tune``'s logic on tiny workloads under the interpreter: every
+    candidate is checked bit-exact before it is timed, the chosen params per class are the ones
+    with the least slowdown over the class's workloads, and the document it writes is a table the
+    lookup accepts. The GPU timing is a stand-in (here: fewer programs are faster)."""
+    from rope_backends.backends.triton import tune
+
+    class Props:
+        name, major, minor, multi_processor_count, L2_cache_size = "NVIDIA Stand-in", 9, 0, 4, 1 << 20
+
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Props())
+    monkeypatch.setattr(tune, "_sets", lambda w, device: 1)
+    timed = []
+
+    def fake_time(fns, nbytes):
+        tile = launch._FORCED
+        timed.append(tile)
+        return 10.0 / (tile.block_t * tile.block_h) + 0.01 * tile.num_warps
+
+    monkeypatch.setattr(tune, "_time_us", fake_time)
+    monkeypatch.setattr(tune, "WORKLOADS", (
+        tune.Workload("tiny interleaved", "apply", (1, 80, 4, 32), layout="interleaved"),
+        tune.Workload("tiny q+k", "apply_qk", (80, 4, 32), 2, inplace=True),
+        tune.Workload("tiny decode", "apply_cached", (2, 4, 32), 2, inplace=True),
+    ))
+    doc = tune.tune(torch.device("cpu"), jobs=1, log=lambda *a: None)
+    assert timed and launch._FORCED is None
+    assert {r["workload"] for r in doc["workloads"]} == {"tiny interleaved", "tiny q+k", "tiny decode"}
+    for r in doc["workloads"]:
+        assert all(t[-1] is not None for t in r["tried"]), r  # every tile bit-exact
+        assert r["best_us"] <= r["rule_us"]
+    entries = tuning.parse_table(json.loads(json.dumps(doc)), "tuned")
+    assert {c.size for c in entries} == {"small", "decode"} and len(entries) == 3
+    assert "| tiny q+k |" in tune.table_markdown(doc)

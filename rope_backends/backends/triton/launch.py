@@ -1,4 +1,4 @@
-"""Host side of the ``triton`` backend: call geometry, launch heuristics, the launch itself.
+"""Host side of the ``triton`` backend: call geometry, the launch plan, the launch itself.
 
 ``forward(args)`` for one validated :class:`~rope_backends.spec.RopeArgs`:
 
@@ -9,13 +9,20 @@
    (with FMA contraction on, 129,256 of 524,288 fp32 outputs differed from eager torch on an
    H100; with it off, none did).
 
+A plan holds every non-pointer argument of ``rope_kernel`` *by name* (``Plan.values``) and the
+grid; the order of the arguments is the kernel's own signature (``rope_kernel.arg_names``), read
+once. Pointers go in the slots named in ``_POINTER_SLOTS``. Nothing else in the package spells
+the argument order out: benchmarks that launch the kernel by hand use :func:`launch_floor`.
+
 Building a plan (once per signature): every operand -- input and output of q (and k), cos and sin
 or positions -- is described by its strides over the common leading dims; cos/sin broadcast
 dims get stride 0. Leading dims of size 1 are dropped and adjacent ones merged wherever *every*
 operand allows it, so ``[B, S, H, D]`` with cos ``[S, 1, D/2]`` is two leading dims and
 contiguous ``[T, H, D]`` one. The kernel takes three; if more are left the call is split along
 the first leading dim and each slice runs on its own (correct for any strides, slower). Offsets
-are int64 when any operand spans 2**31 elements or more, int32 otherwise.
+are int64 when any operand spans 2**31 elements or more, int32 otherwise. The tile
+(``BLOCK_T`` rows x ``BLOCK_H`` heads, ``num_warps``) comes from :mod:`.tuning`: a measured table
+for the device, or a rule from its properties. Nothing is tuned during a call.
 
 This module never synchronises with the device: no ``.item()``, ``.tolist()`` or ``.cpu()`` of a
 device tensor, so calls can be captured in a CUDA graph. It imports triton (through kernel.py)
@@ -25,47 +32,77 @@ only when the first call is made.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+import operator
+import threading
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from ... import platform, registry
 from ...spec import Layout, RopeArgs
+from . import tuning
 
-__all__ = ["forward", "prepare", "plan_for", "set_config", "Plan"]
+__all__ = ["forward", "prepare", "plan_for", "set_config", "Plan", "launch_floor"]
 
 _INT32_LIMIT = 2**31 - 1
-_PLANS: dict[tuple, "Plan | None"] = {}      # signature -> plan (None: split the call)
-_AXIS: dict[tuple, Tensor] = {}              # (axis_map, device) -> int32 [half] on device
-_SMS: dict[int, int] = {}                    # device index -> multiprocessors
-_FORCED: tuple[int, int] | None = None       # (BLOCK_M, num_warps) for benchmark sweeps
-_FAST = True                                 # launch cached compiled kernels directly (see _launch)
-_KERNEL = None
+_PLANS: dict[tuple, "Plan | str | None"] = {}   # signature -> plan (None: split; _SEPARATE: q, k apart)
+_AXIS: dict[tuple, Tensor] = {}                 # (axis_map, device) -> int32 [half] on device
+_FORCED: tuning.Tile | None = None              # a tile forced for every call (sweeps, tests)
+_SEPARATE = "separate"
 _NEOX = Layout.NEOX
-# rope_kernel's constexpr parameters, in signature order (kernel.py)
-_CONSTEXPRS = ("LAYOUT", "CONJUGATE", "HAS_POSITIONS", "MROPE", "HAS_K", "COPY_PASS", "INT64",
-               "HALF", "ROT", "HEAD_DIM", "BLOCK_M", "BLOCK_HALF", "BLOCK_PASS")
-_SEPARATE = "separate"  # plan marker: launch q and k separately
+_KERNEL = None
+_ARG_NAMES: tuple[str, ...] = ()                # rope_kernel's parameters, in order
+# which of a call's pointers fills each pointer parameter of rope_kernel: an index into
+# (q, q_out, k, k_out, cos | positions, sin | cache, axis_map, None)
+_POINTER_SLOTS = {
+    "table": {"q_ptr": 0, "qo_ptr": 1, "k_ptr": 2, "ko_ptr": 3, "cos_ptr": 4, "sin_ptr": 5,
+              "pos_ptr": 7, "cache_ptr": 7, "axis_ptr": 7},
+    "cached": {"q_ptr": 0, "qo_ptr": 1, "k_ptr": 2, "ko_ptr": 3, "cos_ptr": 7, "sin_ptr": 7,
+               "pos_ptr": 4, "cache_ptr": 5, "axis_ptr": 6},
+}
+_ORDER: dict[str, Callable] = {}                # kind -> itemgetter putting pointers in kernel order
+# the Triton interpreter patches triton.language while it runs a kernel: two threads interpreting
+# at once corrupt each other (InterpreterError), so interpreted launches take turns
+_INTERPRETER_LOCK = threading.Lock()
 
 
-class Plan(NamedTuple):
-    """Everything about a launch that depends only on the call's signature."""
+@dataclasses.dataclass(eq=False)
+class Plan:
+    """One launch of ``rope_kernel`` for a call signature.
 
-    ints: tuple[int, ...]    # the kernel's integer arguments, in order
+    values       every non-pointer argument of the kernel by name (ints and constexprs)
+    grid         (programs, 1, 1)
+    num_warps    warps per program
+    contiguous_cos  cos/sin strides differ: the launch passes contiguous copies (same strides)
+    dummy_cache  an empty cache: every position is out of range, read nothing
+    tail         ``values`` in the kernel's signature order (what follows the pointers)
+    launchers    pointer alignment -> launch function of the compiled kernel (ints in, see _launch)
+    """
+
+    values: dict
     grid: tuple[int, int, int]
-    meta: dict               # constexprs and launch options
-    contiguous_cos: bool     # cos/sin strides differ: pass contiguous copies (same strides)
-    dummy_cache: bool        # empty cache: every position is out of range, read nothing
-    tail: tuple              # ints, then the constexprs in signature order (direct launches)
-    compiled: dict           # pointer alignment -> launcher of the compiled kernel
+    num_warps: int
+    contiguous_cos: bool = False
+    dummy_cache: bool = False
+    tail: tuple = ()
+    launchers: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def tile(self) -> tuning.Tile:
+        return tuning.Tile(self.values["BLOCK_T"], self.values["BLOCK_H"], self.num_warps)
+
+    def options(self) -> dict:
+        """Launch options for ``JITFunction.run``."""
+        return {"num_warps": self.num_warps, "enable_fp_fusion": False}  # reference step 2: no FMA
 
 
-def set_config(block_m: int | None, num_warps: int | None = None) -> None:
-    """Force the tile (benchmarks only): BLOCK_M units per program and num_warps; None restores
-    the heuristic. Clears the plan cache."""
+def set_config(block_t: int | None, block_h: int | None = None, num_warps: int | None = None) -> None:
+    """Force the tile of every call (sweeps and tests): ``BLOCK_T`` rows x ``BLOCK_H`` heads per
+    program and ``num_warps``; ``set_config(None)`` restores the device table / rule. Clears the
+    plan cache and the dispatcher's prepared runners."""
     global _FORCED
-    _FORCED = None if block_m is None else (int(block_m), int(num_warps or 4))
+    _FORCED = None if block_t is None else tuning.Tile(int(block_t), int(block_h or 1), int(num_warps or 4))
     _PLANS.clear()
     registry.invalidate()  # runners prepared for the dispatcher hold plans
 
@@ -73,14 +110,17 @@ def set_config(block_m: int | None, num_warps: int | None = None) -> None:
 def _kernel():
     """The jitted kernel; importing kernel.py imports triton. Which flavour (compiled or
     interpreted) is fixed by TRITON_INTERPRET when this first runs, as Triton's jit decides it."""
-    global _KERNEL, _FAST
+    global _KERNEL, _ARG_NAMES
     if _KERNEL is None:
         from . import kernel
 
-        names = list(kernel.rope_kernel.arg_names)
-        if names[-len(_CONSTEXPRS):] != list(_CONSTEXPRS):  # keep _CONSTEXPRS in step with the kernel
-            raise RuntimeError(f"rope_kernel's constexprs {names[-len(_CONSTEXPRS):]} != {_CONSTEXPRS}")
-        _FAST = _FAST and not platform.triton_interpret()
+        names = tuple(kernel.rope_kernel.arg_names)
+        pointers = names[:len(_POINTER_SLOTS["table"])]
+        if set(pointers) != set(_POINTER_SLOTS["table"]) or not all(n.endswith("_ptr") for n in pointers):
+            raise RuntimeError(f"rope_kernel's pointer parameters {pointers} != {tuple(_POINTER_SLOTS['table'])}")
+        for kind, slots in _POINTER_SLOTS.items():
+            _ORDER[kind] = operator.itemgetter(*(slots[n] for n in pointers))
+        _ARG_NAMES = names
         _KERNEL = kernel.rope_kernel
     return _KERNEL
 
@@ -111,10 +151,10 @@ def forward(args: RopeArgs) -> tuple[Tensor, ...]:
 
 def prepare(args: RopeArgs):
     """A runner for every later call with ``args``' signature (registry.Backend.prepare): the
-    plan is fixed, so a call is the outputs' allocation, the pointers' alignment and the launch.
-    None where a call needs more than one launch or a per-call tensor (split or separate q/k
-    launches, cos/sin with different strides, an empty cache or tensor), or during CUDA graph
-    capture (an MRoPE axis map made there lives in the graph's memory)."""
+    plan is fixed, so a call is the outputs' allocation, the pointers and the launch. None where
+    a call needs more than one launch or a per-call tensor (split or separate q/k launches, cos/sin
+    with different strides, an empty cache or tensor), or during CUDA graph capture (an MRoPE
+    axis map made there lives in the graph's memory)."""
     tensors = args.tensors
     if not all(t.numel() for t in tensors):
         return None
@@ -128,30 +168,59 @@ def prepare(args: RopeArgs):
         plan = _PLANS[key] = _build(args, pairs)
     if not isinstance(plan, Plan) or plan.contiguous_cos or plan.dummy_cache:
         return None
-    axis = _axis_tensor(args.mrope.axis_map, tensors[0].device) if plan.meta["MROPE"] else None
+    axis = _axis_tensor(args.mrope.axis_map, tensors[0].device) if plan.values["MROPE"] else None
+    axis_address = axis.data_ptr() if axis is not None else 0
     index = tensors[0].get_device()
-    inplace, two, cached = args.inplace, len(tensors) == 2, args.cache is not None
+    inplace, two = args.inplace, len(tensors) == 2
+    order = _ORDER["cached" if args.cache is not None else "table"]
     empty_like = torch.empty_like
+    launchers = plan.launchers
 
     def run(tensors, a, b):
+        # the hot path of a repeated call: addresses straight to the kept launch function
+        q = tensors[0]
+        qp, ap, bp = q.data_ptr(), a.data_ptr(), b.data_ptr()
         if inplace:
             outs = tensors
             _bump_version(tensors)
+            if two:
+                kp = tensors[1].data_ptr()
+                addresses = order((qp, qp, kp, kp, ap, bp, axis_address or None, None))
+                bits = qp | kp | ap | bp | axis_address
+            else:
+                addresses = order((qp, qp, None, None, ap, bp, axis_address or None, None))
+                bits = qp | ap | bp | axis_address
         elif two:
-            outs = (empty_like(tensors[0]), empty_like(tensors[1]))
+            outs = (empty_like(q), empty_like(tensors[1]))
+            qop, kp, kop = outs[0].data_ptr(), tensors[1].data_ptr(), outs[1].data_ptr()
+            addresses = order((qp, qop, kp, kop, ap, bp, axis_address or None, None))
+            bits = qp | qop | kp | kop | ap | bp | axis_address
         else:
-            outs = (empty_like(tensors[0]),)
-        q, qo = tensors[0], outs[0]
-        k, ko = (tensors[1], outs[1]) if two else (None, None)
-        ptrs = (q, qo, k, ko, None, None, a, b, axis) if cached else (q, qo, k, ko, a, b, None, None, None)
+            outs = (empty_like(q),)
+            qop = outs[0].data_ptr()
+            addresses = order((qp, qop, None, None, ap, bp, axis_address or None, None))
+            bits = qp | qop | ap | bp | axis_address
+        launcher = launchers.get(True) if not bits & 15 else None
         if index >= 0 and index != _current_device():
             with torch.cuda.device(index):
-                _launch(plan, ptrs)
+                _launch_addresses(plan, launcher, addresses, tensors, outs, a, b, axis, order)
+        elif launcher is not None:
+            launcher(addresses)
         else:
-            _launch(plan, ptrs)
+            _launch_addresses(plan, launcher, addresses, tensors, outs, a, b, axis, order)
         return outs
 
     return run
+
+
+def _launch_addresses(plan, launcher, addresses, tensors, outs, a, b, axis, order) -> None:
+    """The runner's slow path: another device, or no launch function kept for these pointers'
+    alignment yet (then the full launch, which keeps one)."""
+    if launcher is not None:
+        launcher(addresses)
+        return
+    two = len(tensors) == 2
+    _launch(plan, order((tensors[0], outs[0], tensors[1] if two else None, outs[1] if two else None, a, b, axis, None)))
 
 
 def _signature(args: RopeArgs, pairs) -> tuple:
@@ -163,7 +232,7 @@ def _signature(args: RopeArgs, pairs) -> tuple:
     else:
         p, c = args.positions, args.cache
         key = (args.layout is _NEOX, args.rotary_dim, args.conjugate, args.inplace,
-               p.shape, p.stride(), p.dtype, c.shape, c.stride(), c.dtype)
+               p.shape, p.stride(), p.dtype, c.shape, c.stride(), c.dtype, args.position_axis_map is not None)
     if args.inplace:
         for t, _ in pairs:
             key += (t.shape, t.stride(), t.dtype)
@@ -190,17 +259,19 @@ def _run(args: RopeArgs, pairs) -> None:
     q, qo = pairs[0]
     k, ko = pairs[1] if len(pairs) == 2 else (None, None)
     if args.cache is None:
-        cos, sin = args.cos, args.sin
+        a, b = args.cos, args.sin
         if plan.contiguous_cos:
-            cos, sin = cos.contiguous(), sin.contiguous()
-        pos = cache = axis = None
+            a, b = a.contiguous(), b.contiguous()
+        axis = None
+        kind = "table"
     else:
-        cos = sin = None
-        pos, cache = args.positions, args.cache
+        a, b = args.positions, args.cache
         if plan.dummy_cache:
-            cache = torch.zeros((1, cache.shape[1]), dtype=cache.dtype, device=cache.device)
-        axis = _axis_tensor(args.mrope.axis_map, q.device) if plan.meta["MROPE"] else None
-    ptrs = (q, qo, k, ko, cos, sin, pos, cache, axis)
+            b = torch.zeros((1, b.shape[1]), dtype=b.dtype, device=b.device)
+        axis = _axis_tensor(args.mrope.axis_map, q.device) if plan.values["MROPE"] else None
+        kind = "cached"
+    _kernel()
+    ptrs = _ORDER[kind]((q, qo, k, ko, a, b, axis, None))
     index = q.get_device()
     if index >= 0 and index != _current_device():
         with torch.cuda.device(index):  # Triton launches on the current device and stream
@@ -209,39 +280,171 @@ def _run(args: RopeArgs, pairs) -> None:
     _launch(plan, ptrs)
 
 
-def _launch(plan: "Plan", ptrs: tuple) -> None:
-    """Launch ``rope_kernel`` for ``plan`` with these tensors.
+def _addresses(ptrs: tuple) -> tuple:
+    return tuple([None if t is None else t.data_ptr() for t in ptrs])
 
-    Triton's ``JITFunction.run`` re-derives the specialisation of all ~60 arguments on every
-    call (about 49 us of host time per launch on the H100 machine, triton 3.6). A plan fixes
-    every integer argument and constexpr, so what is left to specialise on is the 16-byte
-    alignment of the pointers: the compiled kernel is kept per (plan, alignment) and launched
-    directly (``CompiledKernel[grid](*args, stream=...)``, the same launcher ``run`` ends in, given
-    the current stream so it skips its own device and stream lookup). The first call of each goes
-    through ``run``, which compiles and returns the compiled kernel."""
-    global _FAST
-    if _FAST:
-        first = ptrs[0].data_ptr() | ptrs[1].data_ptr()
-        for t in ptrs[2:]:
-            if t is not None:
-                first |= t.data_ptr()
-        align = (first & 15) == 0 or tuple(t is None or t.data_ptr() % 16 == 0 for t in ptrs)
-        launcher = plan.compiled.get(align)
-        if launcher is not None:
-            try:
-                if _raw_stream is not None:
-                    # the stream handed over: the launcher would otherwise look up the device
-                    # and stream through Triton's driver proxy on every call
-                    launcher(*ptrs, *plan.tail, stream=_raw_stream(_current_device()))
-                else:
-                    launcher(*ptrs, *plan.tail)
-                return
-            except TypeError:  # another Triton's launcher convention: always go through run
-                _FAST = False
+
+def _alignment(addresses: tuple):
+    """What Triton specialises pointers on: True when every one is 16-byte aligned (the usual
+    case, one check), else which ones are."""
+    first = 0
+    for p in addresses:
+        if p is not None:
+            first |= p
+    return (first & 15) == 0 or tuple(p is None or p % 16 == 0 for p in addresses)
+
+
+def _launch(plan: Plan, ptrs: tuple) -> None:
+    """Launch ``rope_kernel`` for ``plan`` with these tensors (None for absent pointers), in the
+    kernel's pointer order.
+
+    Triton's ``JITFunction.run`` re-derives the specialisation of every argument on every call
+    (about 49 us of host time per launch on the H100 machine, triton 3.6). A plan fixes every
+    integer argument and constexpr, so all that is left to specialise on is the 16-byte alignment
+    of the pointers: the compiled kernel's launch function is kept per (plan, alignment) and
+    called with the pointers' addresses (see :func:`_launcher`). The first call of each goes
+    through ``run``, which compiles and launches."""
+    addresses = _addresses(ptrs)
+    align = _alignment(addresses)
+    launcher = plan.launchers.get(align)
+    if launcher is not None:
+        launcher(addresses)
+        return
     kernel = _KERNEL or _kernel()
-    compiled = kernel.run(*ptrs, *plan.ints, grid=plan.grid, warmup=False, **plan.meta)
-    if _FAST and compiled is not None and hasattr(compiled, "__getitem__"):
-        plan.compiled[align] = compiled[plan.grid]  # the runner: reads the current stream per call
+    if platform.triton_interpret():
+        with _INTERPRETER_LOCK:
+            kernel.run(*ptrs, grid=plan.grid, warmup=False, **plan.options(), **plan.values)
+        return
+    compiled = kernel.run(*ptrs, grid=plan.grid, warmup=False, **plan.options(), **plan.values)
+    launcher = _launcher(compiled, plan)
+    if launcher is not None:
+        plan.launchers[align] = launcher
+
+
+# Triton 3.6's NVIDIA launcher ABI (triton/backends/nvidia/driver.py: the C ``launch`` takes
+# grid x/y/z, stream, function, cooperative, pdl, global and profile scratch, kernel metadata,
+# launch metadata, enter and exit hooks, then the kernel's arguments)
+_RAW_FORMAT = "iiiKKppOOOOOO"
+_RAW = [None]  # None: not probed yet; False: not this Triton; else the CudaLauncher class
+
+
+def _raw_launcher_class():
+    if _RAW[0] is None:
+        try:
+            from triton.backends.nvidia import driver as nvidia
+
+            ok = getattr(nvidia, "_BASE_ARGS_FORMAT", None) == _RAW_FORMAT and hasattr(nvidia, "CudaLauncher")
+            _RAW[0] = nvidia.CudaLauncher if ok else False
+        except Exception:
+            _RAW[0] = False
+    return _RAW[0]
+
+
+def _launcher(compiled, plan: Plan):
+    """The cheapest way to launch ``compiled`` again with these plan's arguments, called with the
+    pointers' addresses (ints; Triton's launchers take an int as a device pointer as it is, which
+    also skips their per-pointer ``cuPointerGetAttribute`` query).
+
+    - Triton 3.6's NVIDIA launcher, when nothing needs its Python wrapper (no scratch memory, no
+      launch hooks): its C ``launch`` function directly, all other arguments fixed once;
+    - otherwise ``CompiledKernel[grid]`` with the current stream (what ``JITFunction.run`` ends in);
+    - None when this Triton offers neither (every call then goes through ``run``)."""
+    try:
+        runner = compiled[plan.grid]
+    except Exception:
+        return None
+    tail = plan.tail
+    raw_class = _raw_launcher_class()
+    run = getattr(compiled, "run", None)
+    if raw_class and isinstance(run, raw_class) and _raw_ok(compiled, run):
+        c_launch, function, packed = run.launch, compiled.function, compiled.packed_metadata
+        gx, gy, gz = plan.grid
+        coop, pdl = run.launch_cooperative_grid, run.launch_pdl
+        stream_of, device = _raw_stream, _current_device
+
+        def launch(addresses):
+            c_launch(gx, gy, gz, stream_of(device()), function, coop, pdl, None, None, packed, None,
+                     None, None, *addresses, *tail)
+        return launch
+    if _raw_stream is not None:
+        stream_of, device = _raw_stream, _current_device
+
+        def launch(addresses):
+            runner(*addresses, *tail, stream=stream_of(device()))
+        return launch
+
+    def launch(addresses):
+        runner(*addresses, *tail)
+    return launch
+
+
+def _raw_ok(compiled, run) -> bool:
+    """The C launch function can be called bare: no scratch buffers to allocate per call, no
+    tensor descriptors to unpack, no launch hooks (profilers) to call."""
+    try:
+        from triton import knobs
+
+        # plain attributes in some Triton versions, HookChain objects (a list of calls) in 3.6
+        hooks = [knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook]
+        no_hooks = all(h is None or getattr(h, "calls", True) == [] for h in hooks)
+    except Exception:
+        no_hooks = False
+    return (no_hooks and not run.global_scratch_size and not run.profile_scratch_size
+            and getattr(run.launch, "__name__", "") == "launch" and getattr(run, "num_ctas", 1) == 1
+            and hasattr(compiled, "packed_metadata") and hasattr(compiled, "function"))
+
+
+def launch_floor(args: RopeArgs) -> Callable[[], tuple[Tensor, ...]]:
+    """The floor of a call's host cost, for benchmarks: a function that launches the compiled
+    kernel for ``args`` as a prepared runner does (the same plan and launch function), without the
+    dispatcher and the runner's bookkeeping. Out of place it allocates the outputs, as a
+    hand-written call would. ValueError for calls that are not one plain launch, or where this
+    Triton offers no direct launch. Building it compiles (and launches) once, on scratch copies of
+    in-place inputs, so the inputs stay untouched."""
+    tensors = args.tensors
+    plan = plan_for(args)
+    if not isinstance(plan, Plan) or plan.contiguous_cos or plan.dummy_cache or not all(t.numel() for t in tensors):
+        raise ValueError("launch_floor: this call is not a single plain launch")
+    cached = args.cache is not None
+    a, b = (args.positions, args.cache) if cached else (args.cos, args.sin)
+    axis = _axis_tensor(args.mrope.axis_map, tensors[0].device) if plan.values["MROPE"] else None
+    _kernel()
+    order = _ORDER["cached" if cached else "table"]
+    two = len(tensors) == 2
+
+    def pointers(ins, outs):
+        return order((ins[0], outs[0], ins[1] if two else None, outs[1] if two else None, a, b, axis, None))
+
+    if args.inplace:
+        scratch = tuple(t.clone() for t in tensors)
+        _launch(plan, pointers(scratch, scratch))
+        addresses = _addresses(pointers(tensors, tensors))
+    else:
+        outs = tuple(torch.empty_like(t) for t in tensors)
+        _launch(plan, pointers(tensors, outs))
+        addresses = _addresses(pointers(tensors, outs))
+    launcher = plan.launchers.get(_alignment(addresses))
+    if launcher is None:
+        raise ValueError("launch_floor: this Triton offers no direct launch for these pointers")
+    if args.inplace:
+        def run_inplace():
+            launcher(addresses)
+            return tensors
+        return run_inplace
+    empty_like = torch.empty_like
+    q, k = tensors[0], tensors[1] if two else None
+    q_ptr, k_ptr = q.data_ptr(), (k.data_ptr() if two else None)
+    rest = _addresses((a, b, axis))
+
+    def run_out():
+        qo = empty_like(q)
+        if not two:
+            launcher(order((q_ptr, qo.data_ptr(), None, None, *rest, None)))
+            return (qo,)
+        ko = empty_like(k)
+        launcher(order((q_ptr, qo.data_ptr(), k_ptr, ko.data_ptr(), *rest, None)))
+        return (qo, ko)
+    return run_out
 
 
 # A kernel writing through a pointer is invisible to autograd: bump the version counters as
@@ -364,31 +567,28 @@ def _build(args: RopeArgs, pairs) -> "Plan | str | None":
     nlead = len(lead)
     head_dim = x0.shape[-1]
     rot = args.rotary_dim
-    half = rot // 2
     operands: list[list[int]] = []
-    tensors = []  # per tensor: units, heads, heads stride in/out, last stride in/out
+    per_tensor = []  # per tensor: heads, heads stride in/out, last stride in/out
     extents = []
     for t, o in pairs:
         ts, os_ = t.stride(), o.stride()
         operands += [list(ts[:nlead]), list(os_[:nlead])]
-        heads = t.shape[-2] if has_heads else 1
-        tensors.append((t.numel() // head_dim, heads, ts[-2] if has_heads else 0, ts[-1],
-                        os_[-2] if has_heads else 0, os_[-1]))
+        per_tensor.append((t.shape[-2] if has_heads else 1, ts[-2] if has_heads else 0, ts[-1],
+                           os_[-2] if has_heads else 0, os_[-1]))
         extents += [_extent(t.shape, ts), _extent(o.shape, os_)]
-    contiguous_cos = dummy_cache = False
-    cos_rest = (0, 0)
+    contiguous_cos = dummy_cache = cos_per_head = mrope = False
+    cos_heads = cos_pair = 0
     pos_rest = (0, 0, 0, 0)
     if args.cache is None:
         cos, sin = args.cos, args.sin
-        c_lead, c_heads, c_pair = _cos_strides(cos, nlead, has_heads)
-        if _cos_strides(sin, nlead, has_heads) != (c_lead, c_heads, c_pair):
+        c_lead, cos_heads, cos_pair = _cos_strides(cos, nlead, has_heads)
+        if _cos_strides(sin, nlead, has_heads) != (c_lead, cos_heads, cos_pair):
             contiguous_cos = True
             cos = cos.contiguous()
-            c_lead, c_heads, c_pair = _cos_strides(cos, nlead, has_heads)
+            c_lead, cos_heads, cos_pair = _cos_strides(cos, nlead, has_heads)
         operands.append(c_lead)
-        cos_rest = (c_heads, c_pair)
+        cos_per_head = cos_heads != 0
         extents += [_extent(cos.shape, cos.stride()), _extent(sin.shape, sin.stride())]
-        mrope = False
     else:
         p, cache = args.positions, args.cache
         mrope = args.position_axis_map is not None
@@ -410,55 +610,65 @@ def _build(args: RopeArgs, pairs) -> "Plan | str | None":
     pad = 3 - len(sizes)
     sizes = sizes + [1] * pad
     ops = [op + [0] * pad for op in ops]
+    rows = sizes[0] * sizes[1] * sizes[2]
 
-    units = [t[0] for t in tensors]
     copy_pass = not args.inplace and rot < head_dim
-    block_half = _pow2(half)
-    block_pass = _pow2(head_dim - rot) if copy_pass else 1
-    unit_elems = 2 * block_half + (block_pass if copy_pass else 0)
-    block_m, num_warps = _tile(sum(units), max(units), unit_elems, x0.device,
-                               1024 if args.cache is None else 2048)
-    programs = [-(-u // block_m) for u in units]
-    int64 = max(extents) > _INT32_LIMIT or max(units) + block_m > _INT32_LIMIT
+    heads = [t[0] for t in per_tensor]
+    shape = tuning.Shape(kind="table" if args.cache is None else "cached",
+                         interleaved=args.layout is not Layout.NEOX, elem_bytes=x0.element_size(),
+                         rot=rot, head_dim=head_dim, copy_pass=copy_pass, rows=rows, heads=tuple(heads),
+                         cos_per_head=cos_per_head)
+    tile = _FORCED or tuning.tile_for(shape, x0.device)
+    head_blocks = [-(-h // tile.block_h) for h in heads]
+    row_blocks = -(-rows // tile.block_t)
+    programs = [row_blocks * hb for hb in head_blocks]
+    int64 = max(extents) > _INT32_LIMIT or sum(programs) * tile.block_t * tile.block_h > _INT32_LIMIT
 
-    def tensor_ints(n: int) -> tuple[int, ...]:
-        u, heads, sh, sd, osh, osd = tensors[n]
+    def tensor_values(prefix: str, n: int) -> dict:
+        h, sh, sd, osh, osd = per_tensor[n]
         xs, os_ = ops[2 * n], ops[2 * n + 1]
-        return (u, heads, *xs, sh, sd, *os_, osh, osd)
+        return {f"{prefix}_heads": h, f"{prefix}s0": xs[0], f"{prefix}s1": xs[1], f"{prefix}s2": xs[2],
+                f"{prefix}sh": sh, f"{prefix}sd": sd, f"{prefix}os0": os_[0], f"{prefix}os1": os_[1],
+                f"{prefix}os2": os_[2], f"{prefix}osh": osh, f"{prefix}osd": osd}
 
-    q_ints = tensor_ints(0)
-    k_ints = tensor_ints(1) if len(pairs) == 2 else (0,) * len(q_ints)
     side = ops[2 * len(pairs)]
-    if args.cache is None:
-        cos_ints = (*side, *cos_rest)
-        pos_ints = (0, 0, 0, *pos_rest)
+    values = dict(rows=rows, L1=sizes[1], L2=sizes[2], q_programs=programs[0], q_head_blocks=head_blocks[0],
+                  k_head_blocks=head_blocks[1] if len(pairs) == 2 else 1)
+    values.update(tensor_values("q", 0))
+    if len(pairs) == 2:
+        values.update(tensor_values("k", 1))
     else:
-        cos_ints = (0, 0, 0, *cos_rest)
-        pos_ints = (*side, *pos_rest)
-    ints = (sizes[1], sizes[2], programs[0], *q_ints, *k_ints, *cos_ints, *pos_ints)
-    meta = dict(
-        LAYOUT=0 if args.layout is Layout.NEOX else 1,
+        values.update({name.replace("q", "k", 1): 0 for name in tensor_values("q", 0)})
+    if args.cache is None:
+        values.update(cs0=side[0], cs1=side[1], cs2=side[2], csh=cos_heads, csi=cos_pair,
+                      ps0=0, ps1=0, ps2=0, psr=0, cache_s0=0, cache_s1=0, max_pos=0)
+    else:
+        values.update(cs0=0, cs1=0, cs2=0, csh=0, csi=0, ps0=side[0], ps1=side[1], ps2=side[2],
+                      psr=pos_rest[0], cache_s0=pos_rest[1], cache_s1=pos_rest[2], max_pos=pos_rest[3])
+    values.update(
+        INTERLEAVED=args.layout is not Layout.NEOX,
         CONJUGATE=bool(args.conjugate),
         HAS_POSITIONS=args.cache is not None,
         MROPE=mrope,
         HAS_K=len(pairs) == 2,
         COPY_PASS=copy_pass,
+        COS_PER_HEAD=cos_per_head,
         INT64=int64,
-        HALF=half,
+        EXACT_CASTS=platform.triton_interpret(),
         ROT=rot,
         HEAD_DIM=head_dim,
-        BLOCK_M=block_m,
-        BLOCK_HALF=block_half,
-        BLOCK_PASS=block_pass,
-        num_warps=num_warps,
-        enable_fp_fusion=False,  # reference step 2: every product rounded, no FMA
+        BLOCK_T=tile.block_t,
+        BLOCK_H=tile.block_h,
     )
-    constexprs = tuple(meta[name] for name in _CONSTEXPRS)
-    # a 3-d grid: CompiledKernel[grid] reads grid[0], grid[1] and grid[2]
-    return Plan(ints, (sum(programs), 1, 1), meta, contiguous_cos, dummy_cache, ints + constexprs, {})
+    _kernel()
+    pointers = len(_POINTER_SLOTS["table"])
+    tail = tuple(values[name] for name in _ARG_NAMES[pointers:])  # KeyError: kernel and plan disagree
+    if len(values) != len(tail):
+        raise RuntimeError(f"plan values {sorted(set(values) - set(_ARG_NAMES))} are no rope_kernel parameters")
+    return Plan(values, (sum(programs), 1, 1), tile.num_warps, contiguous_cos, dummy_cache, tail)
 
 
-def plan_for(args: RopeArgs) -> Plan | None:
+def plan_for(args: RopeArgs) -> "Plan | str | None":
     """The plan ``forward`` would use for ``args`` (tests and benchmarks)."""
     outs = args.tensors if args.inplace else tuple(torch.empty_like(t) for t in args.tensors)
     pairs = tuple((t, o) for t, o in zip(args.tensors, outs) if t.numel())
@@ -466,46 +676,3 @@ def plan_for(args: RopeArgs) -> Plan | None:
     if key not in _PLANS:
         _PLANS[key] = _build(args, pairs)
     return _PLANS[key]
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def _pow2_floor(n: int) -> int:
-    return 1 << (int(n).bit_length() - 1)
-
-
-def _sms(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    n = _SMS.get(index)
-    if n is None:
-        n = _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return n
-
-
-def _tile(total_units: int, max_units: int, unit_elems: int, device: torch.device,
-          tile_elems: int = 1024) -> tuple[int, int]:
-    """(BLOCK_M, num_warps): units per program and warps per program.
-
-    GPU: tiles of ``tile_elems`` elements (1024 for explicit cos/sin, 2048 with positions, whose
-    dependent position -> cache loads want more work per program), 4 warps. On the H100 every
-    tile of 512-8192 elements with 4-32 elements per thread ran within ~3% of the best on the
-    five diffusion shapes and on apply_cached at T=4096 / 16384 (bench/results, sweep), with
-    1024 ahead on the mid-size diffusion shapes and 2048 ahead at T=16384. Fewer units per
-    program when that would leave fewer than ~4 programs per multiprocessor (decode: one
-    (token, head) row per program, one warp). Interpreter: as few programs as possible (each
-    costs milliseconds of Python)."""
-    if device.type != "cuda" or platform.triton_interpret():
-        return min(_pow2(max_units), _pow2_floor(max(1, 8192 // unit_elems))), 1
-    if _FORCED is not None:
-        block_m, num_warps = _FORCED
-    else:
-        block_m = _pow2_floor(max(1, tile_elems // unit_elems))
-        while block_m > 1 and -(-total_units // block_m) < 4 * _sms(device):
-            block_m //= 2
-        # Triton needs a power of two (a pass-through block can make the tile 3x 256 elements)
-        num_warps = min(4, _pow2_floor(max(1, block_m * unit_elems // 256)))
-    if platform.gpu_vendor() == "rocm":
-        num_warps = max(1, num_warps // 2)  # a wavefront is 64 lanes: same threads per program
-    return block_m, num_warps
