@@ -427,6 +427,24 @@ def test_changed_transformers_function_is_refused(monkeypatch):
     _assert_restored(model, before)
 
 
+def test_integration_study_runs_tiny(tmp_path, capsys):
+    """bench/studies/integration_llama.py --tiny: the GPU study's code path on the CPU."""
+    import importlib.util
+    import json
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "studies",
+                        "integration_llama.py")
+    spec = importlib.util.spec_from_file_location("_integration_llama", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    assert study.main(["--tiny", "--device", "cpu", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "integration-llama.json").read_text())
+    assert doc["fp32"]["logits_bit_equal"] is True and doc["fp32"]["grads_bit_equal"] is True
+    assert [r["variant"] for r in doc["rows"]][:2] == ["hf", "rb"]
+    assert all(r["patched_modules"] == (0 if r["variant"] == "hf" else 2) for r in doc["rows"])
+    assert "| variant | train step" in capsys.readouterr().out
+
+
 def test_importing_rope_backends_imports_no_model_library():
     code = ("import sys, rope_backends, rope_backends.integrations, rope_backends.integrations.transformers, "
             "rope_backends.integrations.diffusers\n"
