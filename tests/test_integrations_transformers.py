@@ -100,7 +100,22 @@ def _qwen3_vl():
 FAMILIES = {
     "llama": (lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**_text())), lambda: dict(input_ids=_ids()), 2, 2),
     "mistral": (lambda: tf.MistralForCausalLM(tf.MistralConfig(**_text())), lambda: dict(input_ids=_ids()), 2, 2),
+    "mixtral": (lambda: tf.MixtralForCausalLM(tf.MixtralConfig(**_text(num_local_experts=2, num_experts_per_tok=1))),
+                lambda: dict(input_ids=_ids()), 2, 2),
     "qwen2": (lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**_text())), lambda: dict(input_ids=_ids()), 2, 2),
+    "qwen2_moe": (lambda: tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(**_text(
+        num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32, shared_expert_intermediate_size=32))),
+        lambda: dict(input_ids=_ids()), 2, 2),
+    "qwen3_moe": (lambda: tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**_text(
+        head_dim=16, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32))),
+        lambda: dict(input_ids=_ids()), 2, 2),
+    "gemma": (lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**_text(head_dim=16))), lambda: dict(input_ids=_ids()), 2, 2),
+    "phi3": (lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**_text(partial_rotary_factor=0.5))),
+             lambda: dict(input_ids=_ids()), 2, 2),
+    "granite": (lambda: tf.GraniteForCausalLM(tf.GraniteConfig(**_text())), lambda: dict(input_ids=_ids()), 2, 2),
+    "starcoder2": (lambda: tf.Starcoder2ForCausalLM(tf.Starcoder2Config(**_text())),
+                   lambda: dict(input_ids=_ids()), 2, 2),
+    "smollm3": (lambda: tf.SmolLM3ForCausalLM(tf.SmolLM3Config(**_text())), lambda: dict(input_ids=_ids()), 2, 2),
     "qwen3": (lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**_text(head_dim=24))), lambda: dict(input_ids=_ids()), 2, 2),
     "gemma2": (lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**_text(head_dim=16, sliding_window=8))),
                lambda: dict(input_ids=_ids()), 2, 2),
@@ -387,11 +402,11 @@ def test_unsupported_models_are_refused_unchanged():
     with pytest.raises(ValueError, match=r"model: expected a model of a supported family: llama .*qwen3_vl.*"
                                          r"got GPT2LMHeadModel"):
         rbt.patch(gpt2)
-    phi3 = tf.Phi3ForCausalLM(tf.Phi3Config(**_text(pad_token_id=0)))
-    before = _state(phi3)
-    with pytest.raises(ValueError, match=r"phi3\.modeling_phi3:apply_rotary_pos_emb"):
-        rbt.patch(phi3)
-    _assert_restored(phi3, before)
+    cohere = tf.CohereForCausalLM(tf.CohereConfig(**_text()))  # interleaved rotate_half: not supported
+    before = _state(cohere)
+    with pytest.raises(ValueError, match=r"cohere\.modeling_cohere:apply_rotary_pos_emb"):
+        rbt.patch(cohere)
+    _assert_restored(cohere, before)
 
 
 def test_bad_arguments():
@@ -422,7 +437,7 @@ def test_changed_transformers_function_is_refused(monkeypatch):
     model, _ = build("llama")
     before = _state(model)
     with pytest.raises(ValueError, match=r"modeling_llama.apply_rotary_pos_emb, which this transformers version "
-                                         r"changed \(its float32 results differ"):
+                                         r"changed \(its results differ"):
         rbt.patch(model)
     _assert_restored(model, before)
 

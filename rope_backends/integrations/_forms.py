@@ -33,8 +33,11 @@ class Form:
 
     params  the original's parameter names, checked before patching
     make    ``make(original, **options) -> replacement`` with the original's signature
-    probe   ``probe() -> [(args, kwargs), ...]``: float32 CPU inputs on which the replacement
-            must give the original's results bit for bit
+    probe   ``probe() -> [(args, kwargs), ...]``: CPU inputs on which the replacement must give
+            the original's results and dtypes bit for bit (float32; mixed bf16 inputs with float32
+            tables, where the library computes in float32 too). A probe entry ``(args, kwargs,
+            "optional")`` is skipped when the original cannot take it (e.g. a partial rotation for a
+            function that rotates all of head_dim)
     """
 
     name: str
@@ -47,8 +50,11 @@ _VERIFIED: dict[tuple, tuple[Callable, Optional[str]]] = {}
 _LOCK = threading.Lock()
 
 
+_INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
 def _bits(t: Tensor) -> Tensor:
-    return t.contiguous().view(torch.int32) if t.dtype == torch.float32 else t
+    return t.contiguous().view(_INT[t.dtype]) if t.dtype in _INT else t
 
 
 def _why_not(original: Callable, form: Form, options: dict) -> Optional[str]:
@@ -60,14 +66,20 @@ def _why_not(original: Callable, form: Form, options: dict) -> Optional[str]:
         return f"its parameters are {params}, rope_backends replaces {form.params}"
     fn = form.make(original, **options)
     with _rb.use_backend("eager"):  # the reference: a registered backend must not see the check
-        for args, kwargs in form.probe():
-            want, got = original(*args, **kwargs), fn(*args, **kwargs)
+        for args, kwargs, *optional in form.probe():
+            try:
+                want = original(*args, **kwargs)
+            except (RuntimeError, ValueError, TypeError, IndexError):
+                if optional:
+                    continue
+                return "it fails on a probe input rope_backends takes"
+            got = fn(*args, **kwargs)
             want = want if isinstance(want, tuple) else (want,)
             got = got if isinstance(got, tuple) else (got,)
             if len(want) != len(got) or not all(
                     w.dtype == g.dtype and w.shape == g.shape and torch.equal(_bits(w), _bits(g))
                     for w, g in zip(want, got)):
-                return "its float32 results differ from rope_backends' on a probe input"
+                return "its results differ from rope_backends' on a probe input"
     return None
 
 

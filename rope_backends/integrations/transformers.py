@@ -60,10 +60,18 @@ class _Family:
 _FAMILY_LIST = (
     _Family("llama", "Llama"),
     _Family("mistral", "Mistral"),
+    _Family("mixtral", "Mixtral"),
     _Family("qwen2", "Qwen2"),
+    _Family("qwen2_moe", "Qwen2-MoE"),
     _Family("qwen3", "Qwen3"),
+    _Family("qwen3_moe", "Qwen3-MoE"),
+    _Family("gemma", "Gemma"),
     _Family("gemma2", "Gemma 2"),
     _Family("gemma3", "Gemma 3"),
+    _Family("phi3", "Phi-3 (partial rotary)"),
+    _Family("granite", "Granite"),
+    _Family("starcoder2", "StarCoder2"),
+    _Family("smollm3", "SmolLM3"),
     _Family("gptj", "GPT-J (interleaved, partial rotary)", tables_form="gptj"),
     _Family("gpt_neox", "GPT-NeoX (partial rotary)"),
     _Family("qwen2_vl", "Qwen2-VL (MRoPE, chunked)", mrope="chunked"),
@@ -154,7 +162,13 @@ def _probe_neox_qk() -> list[tuple[tuple, dict]]:
     cos, sin = torch.cat((c, c), -1), torch.cat((s, s), -1)
     bhsd = (torch.randn(2, 3, 5, 8, generator=g), torch.randn(2, 1, 5, 8, generator=g), cos, sin)
     bshd = (torch.randn(2, 5, 3, 8, generator=g), torch.randn(2, 5, 1, 8, generator=g), cos, sin)
-    return [(bhsd, {}), (bshd, {"unsqueeze_dim": 2})]
+    # bf16 q/k with float32 tables (autocast): transformers promotes and computes in float32
+    mixed = (bhsd[0].bfloat16(), bhsd[1].bfloat16(), cos, sin)
+    # a partial rotation (GPT-NeoX, Phi-3): cos/sin narrower than head_dim; functions that rotate
+    # the whole head_dim cannot take it, and are then never called so
+    pc, ps = angles(2, 5, 2, seed=5)
+    partial = (bhsd[0], bhsd[1], torch.cat((pc, pc), -1), torch.cat((ps, ps), -1))
+    return [(bhsd, {}), (bshd, {"unsqueeze_dim": 2}), (mixed, {}), (partial, {}, "optional")]
 
 
 def _probe_vision_qk() -> list[tuple[tuple, dict]]:
