@@ -2,7 +2,7 @@
 
 A patch is a list of :class:`Edit` s, each replacing one attribute of one object (an attention
 module's ``forward``, a rotary module's ``forward``, a diffusers attention module's ``processor``)
-and holding the alias globals its new value reads (``_rewrite.Aliases``). Edits are counted per
+and binding the alias globals its new value reads (``_rewrite.Aliases``). Edits are counted per
 (object, attribute): patching a model twice shares the edit, and the object gets its original
 attribute back -- present or absent, the same object -- when the last patch holding it is undone,
 in any order. Two patches that would set different values on the same attribute conflict: the
@@ -35,7 +35,6 @@ class _Record:
     value: object
     key: Hashable
     what: str
-    aliases: tuple[tuple[dict, str, Callable], ...]
     count: int = 0
 
 
@@ -82,18 +81,11 @@ def apply_edits(edits: Sequence[Edit]) -> list[tuple[weakref.ref, str]]:
                 rec = records.get(e.attr)
                 if rec is None:
                     value = e.make()
-                    bound = []
-                    try:
-                        for namespace, alias, target in e.aliases:
-                            ALIASES.acquire(namespace, alias, target)
-                            bound.append((namespace, alias, target))
-                        original = _own(e.obj, e.attr)
-                        setattr(e.obj, e.attr, value)
-                    except BaseException:
-                        for namespace, alias, _ in bound:
-                            ALIASES.release(namespace, alias)
-                        raise
-                    rec = records[e.attr] = _Record(original, value, e.key, e.what, tuple(bound))
+                    for namespace, alias, target in e.aliases:
+                        ALIASES.bind(namespace, alias, target)
+                    original = _own(e.obj, e.attr)
+                    setattr(e.obj, e.attr, value)
+                    rec = records[e.attr] = _Record(original, value, e.key, e.what)
                 rec.count += 1
                 done.append((e.obj, e.attr))
         except BaseException:
@@ -119,8 +111,6 @@ def _release(obj: object, attr: str) -> None:
             delattr(obj, attr)
     else:
         setattr(obj, attr, rec.original)
-    for namespace, alias, _ in rec.aliases:
-        ALIASES.release(namespace, alias)
 
 
 def unpatched(obj: object, attr: str) -> object:

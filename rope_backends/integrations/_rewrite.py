@@ -239,36 +239,17 @@ def redirect(fn: Callable, aliases: Mapping[tuple[str, str], str]) -> types.Func
 
 
 class Aliases:
-    """The alias attributes that redirected copies read, counted: bound on first use, removed
-    when the last patch using them is undone, so an undone patch leaves the module as it was."""
+    """The alias attributes that redirected copies read: bound on first use and kept. They are
+    private names (``_rope_backends__...``) that no code of the library reads, holding stateless
+    replacements; keeping them means a copy of a patched model (``copy.deepcopy``) still runs
+    after the patch itself is undone. Everything a patch set on the *model* is given back."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._count: dict[tuple[int, str], int] = {}
 
-    def acquire(self, namespace: dict, alias: str, value: Callable) -> None:
+    def bind(self, namespace: dict, alias: str, value: Callable) -> None:
+        if not alias.startswith("_rope_backends__"):
+            raise RewriteError(f"{alias}: expected a private _rope_backends__ name")
         with self._lock:
-            key = (id(namespace), alias)
-            if key in self._count:
-                if namespace.get(alias) is not value:
-                    raise RewriteError(f"{alias}: bound to another object meanwhile; not patching over it")
-                self._count[key] += 1
-                return
-            if alias in namespace:
-                raise RewriteError(f"{alias}: the module already has this name; not patching over it")
-            namespace[alias] = value
-            self._count[key] = 1
-
-    def release(self, namespace: dict, alias: str) -> None:
-        with self._lock:
-            key = (id(namespace), alias)
-            left = self._count.get(key, 0) - 1
-            if left > 0:
-                self._count[key] = left
-                return
-            self._count.pop(key, None)
-            namespace.pop(alias, None)
-
-    def count(self, namespace: dict, alias: str) -> int:
-        with self._lock:
-            return self._count.get((id(namespace), alias), 0)
+            if namespace.get(alias) is not value:
+                namespace[alias] = value  # a newer replacement of the same function: equivalent

@@ -265,9 +265,33 @@ def _patched_class(cls: type, call: Callable, plan: dict) -> type:
         sub = type(f"RopeBackends{cls.__name__}", (cls,), {
             "__call__": _rewrite.redirect(call, plan), "__module__": __name__,
             "__doc__": f"{cls.__module__}.{cls.__qualname__} with its rotary call routed through rope_backends.",
-            "_rope_backends_original_class": cls})
+            "_rope_backends_original_class": cls,
+            # a pickle (torch.save of the whole model) stores the original processor; a deepcopy
+            # stays patched, like a deepcopy of a patched transformers model (neither is tracked by
+            # the handle)
+            "__reduce_ex__": _reduce_to_original,
+            "__deepcopy__": _deepcopy_patched})
         _PROCESSOR_CLASSES[key] = sub
     return sub
+
+
+def _unpatched_processor(cls: type, state: dict) -> object:
+    new = object.__new__(cls)
+    new.__dict__.update(state)
+    return new
+
+
+def _reduce_to_original(self, protocol):
+    return _unpatched_processor, (self._rope_backends_original_class, dict(vars(self)))
+
+
+def _deepcopy_patched(self, memo):
+    import copy
+
+    new = object.__new__(type(self))
+    memo[id(self)] = new
+    new.__dict__.update(copy.deepcopy(vars(self), memo))
+    return new
 
 
 def _copy_processor(processor: object, sub: type) -> object:

@@ -304,8 +304,9 @@ def _forward_of(module: nn.Module, where: str) -> tuple[str, Callable]:
     ``forward`` normally; accelerate's hooked ``_old_forward`` when a device-map hook wraps the
     module (its ``forward`` then calls ``_old_forward``)."""
     own = unpatched(module, "forward")
-    if own is MISSING:
-        return "forward", type(module).forward
+    cls_forward = type(module).forward
+    if own is MISSING or (getattr(own, "__func__", None) is cls_forward and getattr(own, "__self__", None) is module):
+        return "forward", cls_forward  # (the second: the class's own forward bound, e.g. by unpickling a patched model)
     old = unpatched(module, "_old_forward")
     if old is not MISSING and getattr(old, "__func__", None) is not None:
         return "_old_forward", old.__func__
