@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import os
 import subprocess
 import sys
@@ -141,6 +142,8 @@ def build(family: str, dtype: torch.dtype = torch.float32):
     model = make().to(dtype)
     model.config.use_cache = False
     inp = inputs()
+    if "mm_token_type_ids" in inp and "mm_token_type_ids" not in inspect.signature(type(model).forward).parameters:
+        del inp["mm_token_type_ids"]  # transformers before 5.x's processor-provided token types
     if "pixel_values" in inp:
         inp["pixel_values"] = inp["pixel_values"].to(dtype)
     return model, inp

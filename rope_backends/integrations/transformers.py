@@ -126,6 +126,36 @@ def _make_neox_qk(original: Callable, promote: bool) -> Callable:
     return apply_rotary_pos_emb
 
 
+def _merge_sections(t: Tensor, section) -> Tensor:
+    """Per-axis duplicated tables ``[3, ..., r]`` -> ``[..., r]``: the column blocks of
+    ``section`` (t, h, w widths), laid out twice over the duplicated halves, come from rows 0, 1,
+    2 in turn (Qwen2-VL's chunked MRoPE). Pure indexing: no value changes."""
+    parts, start = [], 0
+    for i, width in enumerate(list(section) * 2):
+        parts.append(t[i % 3, ..., start:start + width])
+        start += width
+    return torch.cat(parts, dim=-1)
+
+
+def _make_multimodal_qk(original: Callable, promote: bool) -> Callable:
+    def apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section, unsqueeze_dim=1):
+        """transformers' (5.0-5.x) Qwen2-VL / Qwen2.5-VL ``apply_multimodal_rotary_pos_emb``:
+        cos/sin ``[3, B, S, r]`` per (t, h, w) row, merged by ``mrope_section``, then the
+        ``apply_rotary_pos_emb`` rotation through ``rb.apply_qk``."""
+        if 2 * sum(mrope_section) != cos.shape[-1]:
+            return original(q, k, cos, sin, mrope_section, unsqueeze_dim)
+        merged = (_merge_sections(cos, mrope_section).unsqueeze(unsqueeze_dim),
+                  _merge_sections(sin, mrope_section).unsqueeze(unsqueeze_dim))
+        if promote:
+            q_dtype, k_dtype = _result_dtype(q, *merged), _result_dtype(k, *merged)
+            if q_dtype not in RB_DTYPES or k_dtype not in RB_DTYPES:
+                return original(q, k, cos, sin, mrope_section, unsqueeze_dim)
+            q, k = q.to(q_dtype), k.to(k_dtype)
+        return _rotate_qk(q, k, *merged, "neox", merged[0].shape[-1])
+
+    return apply_multimodal_rotary_pos_emb
+
+
 def _make_vision_qk(original: Callable, promote: bool) -> Callable:
     def apply_rotary_pos_emb_vision(q, k, cos, sin):
         """transformers' ``apply_rotary_pos_emb_vision`` (computes in float32, returns q/k's
@@ -171,6 +201,14 @@ def _probe_neox_qk() -> list[tuple[tuple, dict]]:
     return [(bhsd, {}), (bshd, {"unsqueeze_dim": 2}), (mixed, {}), (partial, {}, "optional")]
 
 
+def _probe_multimodal_qk() -> list[tuple[tuple, dict]]:
+    g = torch.Generator().manual_seed(0)
+    c, s = angles(3, 2, 5, 4, seed=4)
+    cos, sin = torch.cat((c, c), -1), torch.cat((s, s), -1)
+    q, k = torch.randn(2, 3, 5, 8, generator=g), torch.randn(2, 1, 5, 8, generator=g)
+    return [((q, k, cos, sin, [1, 1, 2]), {}), ((q.bfloat16(), k.bfloat16(), cos, sin, [2, 1, 1]), {})]
+
+
 def _probe_vision_qk() -> list[tuple[tuple, dict]]:
     g = torch.Generator().manual_seed(0)
     c, s = angles(5, 4, seed=2)
@@ -186,12 +224,15 @@ def _probe_gptj() -> list[tuple[tuple, dict]]:
 
 _NEOX_QK = Form("neox_qk", ("q", "k", "cos", "sin", "unsqueeze_dim"), _make_neox_qk, _probe_neox_qk)
 _VISION_QK = Form("vision_qk", ("q", "k", "cos", "sin"), _make_vision_qk, _probe_vision_qk)
+_MULTIMODAL_QK = Form("multimodal_qk", ("q", "k", "cos", "sin", "mrope_section", "unsqueeze_dim"),
+                      _make_multimodal_qk, _probe_multimodal_qk)
 _GPTJ = Form("gptj", ("tensor", "sin", "cos"), _make_gptj, _probe_gptj)
 
 # function name in a supported family's modeling module -> form
 _FORMS = {
     "apply_rotary_pos_emb": _NEOX_QK,
     "apply_rotary_pos_emb_vision": _VISION_QK,
+    "apply_multimodal_rotary_pos_emb": _MULTIMODAL_QK,  # Qwen2-VL / Qwen2.5-VL before transformers merged it
 }
 _FORMS_BY_FAMILY = {"gptj": {"apply_rotary_pos_emb": _GPTJ}}
 
