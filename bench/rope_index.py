@@ -1,21 +1,26 @@
-"""Bench: rope_backends.positions.rope_index (vectorised) vs the per-row/per-image loop of
-transformers 4.x ``get_rope_index`` (the oracle of tests/test_positions.py), on the three setups of
-issue 5, on the CPU and on CUDA when a GPU is present.
+"""Bench: rope_backends.positions.rope_index against the per-row/per-image loop of transformers'
+``get_rope_index``, on the three setups of tests/test_positions.py (SETUPS), on the CPU and on
+CUDA when a GPU is present, for both conventions:
 
-    python bench/rope_index.py [--out DIR] [--quick] [--devices cpu,cuda] [--variants qwen3_vl,...] [--threads N]
+  v4 -- the loop written from transformers 4.x (the oracle of tests/test_positions.py);
+  v5 -- the installed transformers 5.x's own ``Qwen*VLModel.get_rope_index`` (skipped without it).
 
-For every setup and device it checks the two give identical tensors, times both (best of
-repeats; CUDA timings include the syncs the loop forces and end with a synchronize), and counts
-host syncs of one call:
-  cuda  -- torch.cuda.set_sync_debug_mode("warn") warnings (every blocking device->host read);
-  cpu   -- the host reads the same code would make on a GPU: .item()/int()/bool() of a tensor,
-           nonzero/argwhere, boolean-mask indexing, .tolist() (counted with a dispatch mode and a
-           .tolist wrapper). The CPU vectorised timing is the NumPy host path; its sync column
-           shows the torch device path (the one GPU tensors take), which makes no host read.
-On CUDA it also times the "copy in, host path, copy out" alternative (one device->host transfer of
-the inputs and one host->device transfer of the result).
+    python bench/rope_index.py [--out DIR] [--quick] [--devices cpu,cuda] [--variants qwen3_vl,...]
+                               [--conventions v4,v5] [--paths auto,device,host] [--threads N]
+
+For every setup, convention and device it checks every path gives the loop's tensors, times the
+loop and each path of ``rope_index(path=...)`` (best of repeats; CUDA timings end with a
+synchronize, so they include the syncs a path forces), and counts the host syncs of one call:
+  cuda -- torch.cuda.set_sync_debug_mode("warn") warnings (every blocking device<->host copy,
+          .item(), .tolist(), ...). By design: "device" 0, "host" 1 (one packed device->host copy;
+          the results go back asynchronously from pinned memory), "auto" = host for inputs of at
+          most positions.HOST_PATH_MAX_TOKENS tokens, device above.
+  cpu  -- the host reads the torch code would make on a GPU (.item()/int()/bool() of a tensor,
+          nonzero, boolean-mask indexing, .tolist(); counted with a dispatch mode). The NumPy host
+          path makes no torch calls on the data, so it shows 0.
 Prints a Markdown table and writes bench/results/rope_index-<device>-<date>.json (one per device).
-This file contains no implementation: it imports both from the package and the test module.
+This file contains no implementation: it imports the function from the package and the loops and
+inputs from the test module.
 """
 
 from __future__ import annotations
@@ -118,49 +123,52 @@ def time_ms(fn, device: str, iters: int, repeats: int) -> float:
     return min(samples)
 
 
-def device_path(batch):
-    kw = batch.kwargs(validate=False)
-    return T.device_path(batch.input_ids, **kw)
+def loop_for(batch, convention):
+    """The baseline: the 4.x loop oracle, or the installed transformers 5.x method (None: absent)."""
+    if convention == "v4":
+        return lambda: T.rope_index_loop(batch.input_ids, **batch.kwargs())
+    run = T.installed_get_rope_index(batch.variant)
+    if run is None:
+        return None
+    return lambda: run(batch, batch.second_per_grid_ts)
 
 
-def bench_one(name, spec, variant, device, quick):
+def kwargs_for(batch, convention):
+    return batch.kwargs() if convention == "v4" else T.v5_kwargs(batch)
+
+
+def bench_one(name, spec, variant, device, quick, *, convention="v4", paths=("auto", "device", "host")):
+    """One setup: a result row (None when the v5 baseline is unavailable). ``vectorised_ms`` /
+    ``syncs_vectorised`` repeat the first path's figures (what ``python -m bench`` reads)."""
     batch = T.make_batch(**spec, variant=variant, padding="mixed", seed=1).to(device)
-    loop = lambda: T.rope_index_loop(batch.input_ids, **batch.kwargs())  # noqa: E731
-    vec = lambda: positions.rope_index(batch.input_ids, **batch.kwargs())  # noqa: E731
-    want, got = loop(), vec()
-    equal = all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(want, got))
-    if device == "cpu":
-        equal = equal and all(torch.equal(a, b) for a, b in zip(want, device_path(batch)))
+    loop = loop_for(batch, convention)
+    if loop is None:
+        return None
+    kw = kwargs_for(batch, convention)
+    want = loop()
     loop_iters, vec_iters, repeats = (2, 20, 3) if quick else (3, 50, 9)
     row = dict(
-        setup=name,
-        variant=variant,
-        device=device,
-        batch=spec["batch"],
-        seq=spec["seq"],
-        images=spec["images"],
-        videos=spec["videos"],
-        frames=spec.get("frames"),
+        setup=name, variant=variant, convention=convention, device=device, batch=spec["batch"], seq=spec["seq"],
+        tokens=spec["batch"] * spec["seq"], images=spec["images"], videos=spec["videos"], frames=spec.get("frames"),
         vision_tokens=int(((batch.input_ids == T.IMAGE) | (batch.input_ids == T.VIDEO)).sum()),
-        equal=bool(equal),
+        host_path_max_tokens=positions.HOST_PATH_MAX_TOKENS,
+        # what path="auto" does here (CPU inputs: always the NumPy path)
+        auto_takes="host" if device == "cpu" or spec["batch"] * spec["seq"] <= positions.HOST_PATH_MAX_TOKENS else "device",
         loop_ms=time_ms(loop, device, loop_iters, repeats),
-        vectorised_ms=time_ms(vec, device, vec_iters, repeats),
     )
+    count = count_cuda_syncs if device == "cuda" else count_host_reads
+    row["syncs_loop"] = count(loop)
+    equal = True
+    for path in paths:
+        fn = lambda: positions.rope_index(batch.input_ids, **kw, path=path)  # noqa: E731
+        got = fn()
+        equal = equal and all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(want, got))
+        row[f"{path}_ms"] = time_ms(fn, device, vec_iters, repeats)
+        row[f"{path}_speedup"] = row["loop_ms"] / row[f"{path}_ms"]
+        row[f"syncs_{path}"] = count(fn)
+    row["equal"] = bool(equal)
+    row["vectorised_ms"], row["syncs_vectorised"] = row[f"{paths[0]}_ms"], row[f"syncs_{paths[0]}"]
     row["speedup"] = row["loop_ms"] / row["vectorised_ms"]
-    if device == "cuda":
-        row["syncs_loop"] = count_cuda_syncs(loop)
-        row["syncs_vectorised"] = count_cuda_syncs(vec)
-
-        def roundtrip():
-            host = batch.to("cpu")
-            pos, deltas = positions.rope_index(host.input_ids, **host.kwargs())
-            return pos.to(device), deltas.to(device)
-
-        row["copy_host_copy_ms"] = time_ms(roundtrip, device, vec_iters, repeats)
-        row["syncs_copy_host_copy"] = count_cuda_syncs(roundtrip)
-    else:
-        row["syncs_loop"] = count_host_reads(loop)
-        row["syncs_vectorised"] = count_host_reads(lambda: device_path(batch))
     return row
 
 
@@ -180,23 +188,17 @@ def environment(device: str) -> dict:
     return env
 
 
-def table(rows) -> str:
-    lines = [
-        "| setup | variant | device | loop ms | vectorised ms | speedup | host syncs loop | host syncs vectorised | equal |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
-    ]
+def table(rows, paths) -> str:
+    head = "| setup | variant | conv | device | loop ms | " + " | ".join(f"{p} ms (x loop)" for p in paths)
+    head += " | host syncs loop / " + " / ".join(paths) + " | equal |"
+    lines = [head, "|---|---|---|---|---:|" + "---:|" * len(paths) + "---:|---|"]
     for r in rows:
+        cells = " | ".join(f"{r[p + '_ms']:.3f} ({r[p + '_speedup']:.1f}x)" for p in paths)
+        syncs = " / ".join(str(r[f"syncs_{p}"]) for p in ["loop"] + list(paths))
         lines.append(
-            f"| {r['setup']} | {r['variant']} | {r['device']} | {r['loop_ms']:.2f} | {r['vectorised_ms']:.3f} | "
-            f"{r['speedup']:.1f}x | {r['syncs_loop']} | {r['syncs_vectorised']} | {r['equal']} |"
+            f"| {r['setup']} | {r['variant']} | {r['convention']} | {r['device']} | {r['loop_ms']:.2f} | {cells} | "
+            f"{syncs} | {r['equal']} |"
         )
-    extra = [r for r in rows if "copy_host_copy_ms" in r]
-    if extra:
-        lines.append("")
-        lines.append("| setup | variant | cuda: copy in + host path + copy out ms | its syncs |")
-        lines.append("|---|---|---:|---:|")
-        for r in extra:
-            lines.append(f"| {r['setup']} | {r['variant']} | {r['copy_host_copy_ms']:.3f} | {r['syncs_copy_host_copy']} |")
     return "\n".join(lines)
 
 
@@ -206,22 +208,40 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer iterations (< 60 s on an H100 machine)")
     parser.add_argument("--devices", default=None, help="comma list of cpu,cuda (default: cpu, and cuda if present)")
     parser.add_argument("--variants", default="qwen3_vl", help="comma list of qwen3_vl,qwen2_vl,qwen2_5_vl")
+    parser.add_argument("--conventions", default="v5,v4", help="comma list of v5 (transformers 5.x), v4 (4.x)")
+    parser.add_argument("--paths", default="auto,device,host", help="comma list of rope_index paths to time")
+    parser.add_argument("--setups", default=None, help=f"comma list of {', '.join(T.SETUPS)} (default: all)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 keeps the loop's many small ops stable on a busy machine)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    variants = args.variants.split(",")
-    for v in variants:
-        if v not in positions.VARIANTS:
-            parser.error(f"--variants: expected names from {positions.VARIANTS}, got {v!r}")
+    variants, conventions, paths = args.variants.split(","), args.conventions.split(","), args.paths.split(",")
+    setups = args.setups.split(",") if args.setups else list(T.SETUPS)
+    for flag, values, allowed in (("--variants", variants, positions.VARIANTS),
+                                  ("--conventions", conventions, positions.CONVENTIONS),
+                                  ("--paths", paths, positions.PATHS), ("--setups", setups, tuple(T.SETUPS)),
+                                  ("--devices", devices, ("cpu", "cuda"))):
+        for v in values:
+            if v not in allowed:
+                parser.error(f"{flag}: expected names from {allowed}, got {v!r}")
+    if "cuda" in devices and not torch.cuda.is_available():
+        parser.error("--devices: cuda requested, but torch sees no CUDA device")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     date = _dt.date.today().isoformat()
-    all_rows = []
+    all_rows, skipped = [], []
     for device in devices:
-        rows = [bench_one(n, s, v, device, args.quick) for v in variants for n, s in T.SETUPS.items()]
+        rows = []
+        for conv in conventions:
+            for v in variants:
+                for n in setups:
+                    row = bench_one(n, T.SETUPS[n], v, device, args.quick, convention=conv, paths=paths)
+                    if row is None:
+                        skipped.append((conv, v, n))
+                    else:
+                        rows.append(row)
         all_rows += rows
         label = device
         if device == "cuda":
@@ -231,10 +251,12 @@ def main(argv=None) -> int:
             bench="rope_index", date=date, quick=args.quick, environment=environment(device), results=rows,
         ), indent=2) + "\n")
         print(f"wrote {path}", file=sys.stderr)
-    print(table(all_rows))
+    print(table(all_rows, paths))
+    if skipped:
+        print(f"skipped (no transformers 5.x for the v5 baseline): {sorted(set(skipped))}", file=sys.stderr)
     bad = [r for r in all_rows if not r["equal"]]
     if bad:
-        print(f"NOT EQUAL: {[(r['setup'], r['device']) for r in bad]}", file=sys.stderr)
+        print(f"NOT EQUAL: {[(r['setup'], r['convention'], r['device']) for r in bad]}", file=sys.stderr)
         return 1
     return 0
 

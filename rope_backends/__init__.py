@@ -20,6 +20,7 @@ from . import mrope
 from .dispatch import apply, apply_cached, apply_qk
 from .freqs import cos_sin, cos_sin_3d, cos_sin_cache, wan_dims
 from .override import use_backend
+from .rope_config import RopeConfig, rope_config
 from .registry import Backend, BackendInfo, backends, register_backend, unregister_backend
 from .spec import Layout, MRope, RopeArgs
 
@@ -33,6 +34,8 @@ __all__ = [
     "cos_sin_cache",
     "cos_sin_3d",
     "wan_dims",
+    "rope_config",
+    "RopeConfig",
     "Layout",
     "MRope",
     "mrope",

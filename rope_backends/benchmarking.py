@@ -719,6 +719,9 @@ def _impls(case: Case, device: torch.device, backend_names: list[str], options: 
             f = _compiled(lambda x, c, s: _hf_formula(x, c, s, neox))
             return grad_of(f)
         out.append(Impl("torch.compile", "peer", _lazy(compile_prep), note="torch.compile of the fp32 HF-style formula (AOTAutograd backward)"))
+        out.append(Impl(TORCH_AUTOGRAD_OP, "baseline", grad_of(lambda x, c, s: x * 2.0), checked=False,
+                        note="y = x * 2 through autograd (one torch kernel each way, the same bytes): what the "
+                             "autograd engine itself costs a backward on this machine"))
     if op in ("apply", "apply_qk", "apply_cached") and case.group in ("diffusion", "qk", "llm"):
         out.append(Impl(SAME_BYTES_COPY, "baseline", lambda d: _same_bytes_copy(case.nbytes, device), checked=False,
                         note="Tensor.copy_ of nbytes/2 into nbytes/2, timed like the rope calls: the copy "
@@ -1192,6 +1195,7 @@ def _dispatch_impls(case: Case, device: torch.device, backend: str | None) -> li
 
 _DIRECT = "triton compiled launch"
 TORCH_OP = "torch add_ (one op)"
+TORCH_AUTOGRAD_OP = "torch mul (one op, autograd)"
 
 
 def _direct_triton(d: dict, op: str):

@@ -2,23 +2,26 @@
 
 Angles, cosines and sines are computed in float64 on the CPU and rounded once to float32, then
 moved to the requested device. Device math libraries differ in the last bit; the CPU's float64
-path is the one answer every backend shares. Scaling follows the Hugging Face
-``rope_scaling`` definitions (``linear``, ``dynamic`` -- HF dynamic NTK, needing
-``original_max_position_embeddings`` --, ``llama3``, ``yarn``), plus ``ntk`` (fixed NTK-aware:
-``base * factor ** (d / (d - 2))``), evaluated in float64.
+path is the one answer every backend shares. Scaling dicts are parsed strictly by
+:func:`rope_backends.rope_config.rope_config` (every ``rope_type`` of transformers'
+``ROPE_INIT_FUNCTIONS``, plus ``ntk``: fixed NTK-aware ``base * factor ** (d / (d - 2))``); a
+key the type does not read is a ``ValueError``. ``docs/rope_types.md`` lists types and keys.
+
+This module must not import transformers and holds no scaling formulas of its own.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from .rope_config import RopeConfig, _tables, rope_config
+
 __all__ = ["inv_freq", "cos_sin", "cos_sin_cache", "cos_sin_3d", "wan_dims"]
 
-Scaling = float | Mapping[str, object] | None
+Scaling = Union[float, Mapping[str, object], None]
 
 
 def _check_rotary_dim(rotary_dim: object) -> int:
@@ -27,125 +30,65 @@ def _check_rotary_dim(rotary_dim: object) -> int:
     return rotary_dim
 
 
-def _scaling_params(scaling: Scaling) -> tuple[str, Mapping[str, object]]:
-    if scaling is None:
-        return "default", {}
-    if isinstance(scaling, (int, float)) and not isinstance(scaling, bool):
-        return "linear", {"factor": float(scaling)}
-    if isinstance(scaling, Mapping):
-        kind = str(scaling.get("rope_type", scaling.get("type", "default")))
-        if kind not in ("default", "linear", "dynamic", "ntk", "llama3", "yarn"):
-            raise ValueError(
-                f"scaling: expected rope_type one of default, linear, dynamic, ntk, llama3, yarn, got {kind!r}"
-            )
-        if kind != "default" and "factor" not in scaling:
-            raise ValueError(f"scaling: expected a 'factor' for rope_type {kind!r}, got keys {sorted(scaling)}")
-        return kind, scaling
-    raise TypeError(f"scaling: expected None, a float (linear factor) or a rope_scaling dict, got {type(scaling).__name__}")
+def _config(rotary_dim: object, base: object, scaling: Scaling) -> RopeConfig:
+    _check_rotary_dim(rotary_dim)
+    if base is not None and (isinstance(base, bool) or not isinstance(base, (int, float)) or base <= 0):
+        raise ValueError(f"base: expected a positive number, got {base!r}")
+    if isinstance(scaling, RopeConfig):
+        raise TypeError(
+            "scaling: expected None, a float (linear factor) or a rope_scaling dict, got RopeConfig "
+            "(call its .cos_sin(positions) / .cos_sin_cache() instead)"
+        )
+    return rope_config(rotary_dim=rotary_dim, base=base, scaling=scaling)
 
 
 def inv_freq(
-    rotary_dim: int, base: float = 10000.0, scaling: Scaling = None, seq_len: int | None = None
+    rotary_dim: int, base: float | None = None, scaling: Scaling = None, seq_len: int | None = None
 ) -> tuple[Tensor, float, float]:
-    """float64 inverse frequencies ``[rotary_dim // 2]`` on the CPU, the position divisor
-    (linear scaling) and the attention factor that multiplies cos/sin (YaRN).
+    """float64 inverse frequencies ``[rotary_dim // 2]`` on the CPU, the position divisor (always
+    1.0: linear scaling divides the frequencies, as transformers does) and the attention factor
+    that multiplies cos/sin (YaRN, LongRoPE).
 
-    ``seq_len``: the longest sequence the table serves (``dynamic`` only: as in HF, the base
-    grows once ``seq_len`` exceeds the scaling dict's ``original_max_position_embeddings``)."""
-    rotary_dim = _check_rotary_dim(rotary_dim)
-    if not isinstance(base, (int, float)) or isinstance(base, bool) or base <= 0:
-        raise ValueError(f"base: expected a positive number, got {base!r}")
-    kind, p = _scaling_params(scaling)
-    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
-    divisor, attention = 1.0, 1.0
-    stretch = rotary_dim / (rotary_dim - 2) if rotary_dim > 2 else 1.0
-    if kind == "ntk":  # fixed NTK-aware: stretch the base by factor ** (d / (d - 2))
-        base = base * float(p["factor"]) ** stretch
-    elif kind == "dynamic":  # HF dynamic NTK: unchanged up to the original length, then stretched
-        factor = float(p["factor"])
-        old = p.get("original_max_position_embeddings", p.get("max_position_embeddings"))
-        if isinstance(old, bool) or not isinstance(old, (int, float)) or old <= 0:
-            raise ValueError(
-                f"scaling: expected 'original_max_position_embeddings' (the model's max_position_embeddings) "
-                f"for rope_type 'dynamic', got {old!r}"
-            )
-        seq = max(float(seq_len) if seq_len is not None else float(old), float(old))
-        base = base * ((factor * seq / float(old)) - (factor - 1)) ** stretch
-    freqs = 1.0 / (float(base) ** exponents)
-    if kind == "linear":
-        divisor = float(p["factor"])
-    elif kind == "llama3":
-        factor = float(p["factor"])
-        low, high = float(p.get("low_freq_factor", 1.0)), float(p.get("high_freq_factor", 4.0))
-        old = float(p.get("original_max_position_embeddings", 8192))
-        wavelen = 2 * math.pi / freqs
-        scaled = torch.where(wavelen > old / low, freqs / factor, freqs)
-        smooth = (old / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
-        freqs = torch.where(medium, smoothed, scaled)
-    elif kind == "yarn":
-        factor = float(p["factor"])
-        old = float(p.get("original_max_position_embeddings", 4096))
-        beta_fast, beta_slow = float(p.get("beta_fast", 32.0)), float(p.get("beta_slow", 1.0))
-
-        def correction(rotations: float) -> float:
-            return (rotary_dim * math.log(old / (rotations * 2 * math.pi))) / (2 * math.log(base))
-
-        lo = max(math.floor(correction(beta_fast)), 0)
-        hi = min(math.ceil(correction(beta_slow)), rotary_dim - 1)
-        if lo == hi:
-            hi += 0.001
-        ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
-        extrapolation = 1 - ramp
-        freqs = (freqs / factor) * (1 - extrapolation) + freqs * extrapolation
-        attention = float(p.get("attention_factor", 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0))
-    return freqs, divisor, attention
+    ``seq_len``: the longest sequence the table serves (``dynamic``: the base grows past the
+    original length; ``longrope``: long factors past it)."""
+    cfg = _config(rotary_dim, base, scaling)
+    return cfg.inv_freq(seq_len), 1.0, cfg.attention_factor(seq_len)
 
 
-def _tables(angles: Tensor, attention: float, device: torch.device | str | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    cos, sin = torch.cos(angles), torch.sin(angles)
-    if attention != 1.0:
-        cos, sin = cos * attention, sin * attention
-    return cos.to(dtype).to(device), sin.to(dtype).to(device)
-
-
-def cos_sin(positions: Tensor, rotary_dim: int, base: float = 10000.0, scaling: Scaling = None) -> tuple[Tensor, Tensor]:
+def cos_sin(
+    positions: Tensor, rotary_dim: int, base: float | None = None, scaling: Scaling = None
+) -> tuple[Tensor, Tensor]:
     """float32 ``cos, sin [*positions.shape, rotary_dim // 2]`` (half form) on positions' device.
+
+    base: ``rope_theta`` (default: the scaling dict's ``rope_theta``, else 10000; both given
+    must agree). scaling: None, a float (linear factor) or a ``rope_scaling`` /
+    ``rope_parameters`` dict, checked strictly. For a whole model config use
+    ``rb.rope_config(config).cos_sin(positions)``.
 
     Reads ``positions`` on the host (one transfer when they live on a GPU): that is what makes
     the table identical on every device. For serving, build :func:`cos_sin_cache` once instead.
     """
     if not isinstance(positions, Tensor):
         raise TypeError(f"positions: expected a torch.Tensor, got {type(positions).__name__}")
-    if positions.is_complex() or positions.dtype == torch.bool:
-        raise TypeError(f"positions: expected an integer or float dtype, got {positions.dtype}")
-    host = positions.detach().to("cpu", torch.float64)
-    seq_len = int(host.max()) + 1 if host.numel() else None  # HF dynamic: max(position_ids) + 1
-    freqs, divisor, attention = inv_freq(rotary_dim, base, scaling, seq_len)
-    pos = host / divisor
-    return _tables(pos.unsqueeze(-1) * freqs, attention, positions.device, torch.float32)
+    return _config(rotary_dim, base, scaling).cos_sin(positions)
 
 
 def cos_sin_cache(
     max_position: int,
     rotary_dim: int,
-    base: float = 10000.0,
+    base: float | None = None,
     scaling: Scaling = None,
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """``[max_position, rotary_dim]``: cos of positions 0..max_position-1 in the first half of
-    the columns, sin in the second (the vLLM/FlashInfer layout :func:`apply_cached` reads)."""
+    the columns, sin in the second (the vLLM/FlashInfer layout :func:`apply_cached` reads).
+    ``base`` and ``scaling`` as in :func:`cos_sin`; ``longrope`` tables follow the length rule
+    (``RopeConfig.cos_sin_cache`` offers the other layouts)."""
     if isinstance(max_position, bool) or not isinstance(max_position, int) or max_position < 1:
         raise ValueError(f"max_position: expected a positive int, got {max_position!r}")
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
-    freqs, divisor, attention = inv_freq(rotary_dim, base, scaling, max_position)
-    pos = torch.arange(max_position, dtype=torch.float64) / divisor
-    cos, sin = _tables(pos.unsqueeze(-1) * freqs, attention, None, torch.float32)
-    return torch.cat((cos, sin), dim=-1).to(dtype).to(device)
+    return _config(rotary_dim, base, scaling).cos_sin_cache(max_position, device=device, dtype=dtype)
 
 
 def wan_dims(head_dim: int) -> tuple[int, int, int]:
@@ -215,7 +158,7 @@ def cos_sin_3d(
         index[0] = frames.to(torch.float64)
     per_axis = []
     for positions, d in zip(index, dims):
-        freqs, _, _ = inv_freq(d, base)
+        freqs = rope_config(rotary_dim=d, base=base).inv_freq()
         per_axis.append(positions.unsqueeze(-1) * freqs)  # [n, d/2]
     f, h, w = grid
     angles = torch.cat(

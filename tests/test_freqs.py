@@ -72,10 +72,6 @@ def table(positions, inv_freq, attention=1.0):
 POS = torch.arange(0, 40000, 7)
 
 
-def _share_equal(a, b):
-    return float((a.view(torch.int32) == b.view(torch.int32)).double().mean())
-
-
 @pytest.mark.parametrize("dim", [2, 64, 128])
 @pytest.mark.parametrize("base", [10000.0, 500000.0, 1e6])
 def test_default(dim, base):
@@ -86,17 +82,22 @@ def test_default(dim, base):
 
 
 def test_linear():
-    """HF divides inv_freq by the factor; rope_backends divides the position (exact for the
-    factor 2 and 4 models use; for others the float64 angle may differ in its last bit, which
-    survives the rounding to float32 only in a tiny share of elements)."""
-    for factor in (2.0, 4.0, 8.0):
+    """HF divides inv_freq by the factor, and so does rope_backends (in float64): the tables
+    are the correctly rounded values of HF's formula for every factor."""
+    for factor in (2.0, 3.0, 4.0, 8.0, 2.5):
         cos, sin = rb.cos_sin(POS, 128, scaling={"rope_type": "linear", "factor": factor})
         want_cos, want_sin = table(POS, hf_linear(128, 10000.0, factor))
         assert_bitwise_equal(cos, want_cos)
         assert_bitwise_equal(sin, want_sin)
     assert_bitwise_equal(rb.cos_sin(POS, 64, scaling=2.0)[0], table(POS, hf_linear(64, 10000.0, 2.0))[0])
     cos, _ = rb.cos_sin(POS, 128, scaling={"type": "linear", "factor": 3.0})
-    assert _share_equal(cos, table(POS, hf_linear(128, 10000.0, 3.0))[0]) > 0.9999
+    assert_bitwise_equal(cos, table(POS, hf_linear(128, 10000.0, 3.0))[0])
+    far = torch.arange(0, 200000, 3)  # where dividing the position instead differs (1 in ~1e5 entries)
+    for factor, dim, base in ((1.5, 128, 1e4), (2.5, 96, 5e5)):
+        got = rb.cos_sin(far, dim, base, {"rope_type": "linear", "factor": factor})
+        want = table(far, hf_linear(dim, base, factor))
+        assert_bitwise_equal(got[0], want[0])
+        assert_bitwise_equal(got[1], want[1])
 
 
 @pytest.mark.parametrize("seq_len", [100, 4096, 40000])
@@ -128,18 +129,19 @@ def test_llama3():
 
 
 def test_yarn():
-    """HF computes the interpolated frequency as 1 / (factor * base**e), rope_backends as
-    (1 / base**e) / factor: the same real number, possibly one float64 ulp apart; after cos/sin
-    and the rounding to float32 the tables agree in all but a tiny share of elements, never by
-    more than one float32 ulp."""
+    """HF's formula (interpolated frequency 1 / (factor * base**e)) evaluated in float64:
+    the tables are its correctly rounded values, bit for bit."""
     for factor, old in ((4.0, 4096), (2.0, 32768), (40.0, 4096)):
         scaling = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": old}
         cos, sin = rb.cos_sin(POS, 128, 10000.0, scaling)
         inv, attention = hf_yarn(128, 10000.0, factor, old)
         want_cos, want_sin = table(POS, inv, attention)
-        for got, want in ((cos, want_cos), (sin, want_sin)):
-            assert _share_equal(got, want) > 0.999
-            assert int((got.view(torch.int32) - want.view(torch.int32)).abs().max()) <= 1
+        assert_bitwise_equal(cos, want_cos)
+        assert_bitwise_equal(sin, want_sin)
+    far = torch.arange(0, 200000, 3)
+    scaling = {"rope_type": "yarn", "factor": 2.5, "original_max_position_embeddings": 4096}
+    inv, attention = hf_yarn(96, 5e5, 2.5, 4096)
+    assert_bitwise_equal(rb.cos_sin(far, 96, 5e5, scaling)[0], table(far, inv, attention)[0])
 
 
 def test_shapes_dtypes_devices():
@@ -180,6 +182,10 @@ def test_cos_sin_3d_matches_per_axis_tables():
     (lambda: rb.cos_sin(torch.arange(4), 8, base=0.0), ValueError, "base"),
     (lambda: rb.cos_sin(torch.arange(4), 8, base="1e4"), ValueError, "base"),
     (lambda: rb.cos_sin(torch.arange(4), 8, scaling={"rope_type": "longrope", "factor": 2.0}), ValueError, "scaling"),
+    (lambda: rb.cos_sin(torch.arange(4), 8, scaling={"rope_type": "axial"}), ValueError, "scaling"),
+    (lambda: rb.cos_sin(torch.arange(4), 8, scaling={"rope_type": "linear", "factor": 2.0, "beta": 1}), ValueError, "scaling"),
+    (lambda: rb.cos_sin(torch.arange(4), 8, base=1e4, scaling={"rope_theta": 1e6}), ValueError, "base"),
+    (lambda: rb.cos_sin(torch.arange(4), 8, scaling=rb.rope_config(rotary_dim=8)), TypeError, "scaling"),
     (lambda: rb.cos_sin(torch.arange(4), 8, scaling={"rope_type": "yarn"}), ValueError, "scaling"),
     (lambda: rb.cos_sin(torch.arange(4), 8, scaling={"rope_type": "dynamic", "factor": 2.0}), ValueError, "scaling"),
     (lambda: rb.cos_sin(torch.arange(4), 8, scaling="linear"), TypeError, "scaling"),
@@ -192,5 +198,5 @@ def test_cos_sin_3d_matches_per_axis_tables():
     (lambda: rb.wan_dims(7), ValueError, "head_dim"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_argument_errors(call, error, arg):
-    with pytest.raises(error, match=f"^{arg}: expected"):
+    with pytest.raises(error, match=rf"^{arg}(\['\w+'\])?: expected"):
         call()

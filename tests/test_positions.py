@@ -9,6 +9,7 @@ is checked against transformers' own methods.
 
 from __future__ import annotations
 
+import os
 import random
 import zlib
 from dataclasses import dataclass
@@ -242,15 +243,9 @@ VARIANTS = ("qwen3_vl", "qwen2_vl", "qwen2_5_vl")
 
 
 def device_path(input_ids, **kw):
-    """The sync-free torch path that serves GPU tensors, forced on CPU tensors."""
-    call = positions._validate(
-        input_ids, kw.pop("image_grid_thw", None), kw.pop("video_grid_thw", None), kw.pop("attention_mask", None),
-        kw.pop("spatial_merge_size", MERGE), kw.pop("image_token_id"), kw.pop("video_token_id"),
-        kw.pop("vision_start_token_id"), kw.pop("variant", "qwen3_vl"), kw.pop("second_per_grid_ts", None),
-        kw.pop("tokens_per_second", 2), kw.pop("truncate_seconds", True), kw.pop("validate", True),
-    )
-    assert not kw, kw
-    return call if isinstance(call, tuple) else positions._device(call)
+    """The sync-free torch path that serves GPU tensors, forced on CPU tensors (validating,
+    unless told otherwise)."""
+    return positions.rope_index(input_ids, **{"validate": True, **kw, "path": "device"})
 
 
 def assert_same(got, want):
@@ -491,3 +486,216 @@ def test_oracle_matches_installed_transformers(variant):
         theirs = model.get_rope_index(fake, batch.input_ids.clone(), **{k: (v.clone() if v is not None else v) for k, v in kw.items()})
         assert_same(rope_index_loop(batch.input_ids, **batch.kwargs()), theirs)
         assert_same(positions.rope_index(batch.input_ids, **batch.kwargs()), theirs)
+
+
+# ------------------------------------------------------------------ transformers 5.x convention --
+def mm_types(batch: Batch) -> torch.Tensor:
+    """mm_token_type_ids as the 5.x processors build it: 1 for image tokens, 2 for video tokens."""
+    return (batch.input_ids == IMAGE).long() + 2 * (batch.input_ids == VIDEO).long()
+
+
+def v5_kwargs(batch: Batch, **extra):
+    kw = batch.kwargs(**extra)
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id"):
+        kw.pop(key)
+    kw["mm_token_type_ids"] = mm_types(batch)
+    return kw
+
+
+def installed_get_rope_index(variant: str, tokens_per_second=2):
+    """The installed transformers' own ``get_rope_index`` (5.x), called unbound on the two
+    attributes it reads (``config.vision_config`` and ``get_vision_position_ids``), as
+    ``run(batch, second_per_grid_ts=None, attention_mask="batch")``; None without a transformers
+    5.x. Also the v5 baseline of bench/rope_index.py."""
+    try:
+        import transformers
+    except ImportError:
+        if os.environ.get("LANE_DEVICE"):  # a CI lane installs the test extra (transformers 5.x)
+            raise
+        return None
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return None
+    from types import MethodType
+
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
+
+    model = {"qwen3_vl": Qwen3VLModel, "qwen2_vl": Qwen2VLModel, "qwen2_5_vl": Qwen2_5_VLModel}[variant]
+    vision = SimpleNamespace(spatial_merge_size=MERGE, tokens_per_second=tokens_per_second)
+    fake = SimpleNamespace(config=SimpleNamespace(vision_config=vision))
+    fake.get_vision_position_ids = MethodType(model.get_vision_position_ids, fake)
+
+    def run(batch: Batch, second_per_grid_ts=None, attention_mask="batch"):
+        clone = lambda t: None if t is None else t.clone()  # noqa: E731  (video grids are edited in place)
+        kw = dict(image_grid_thw=clone(batch.image_grid_thw), video_grid_thw=clone(batch.video_grid_thw),
+                  attention_mask=clone(batch.attention_mask if attention_mask == "batch" else attention_mask))
+        if variant == "qwen2_5_vl":
+            kw["second_per_grid_ts"] = second_per_grid_ts
+        return model.get_rope_index(fake, batch.input_ids.clone(), mm_types(batch), **kw)
+
+    return run
+
+
+def transformers_5_rope_index(variant: str, tokens_per_second=2):
+    run = installed_get_rope_index(variant, tokens_per_second)
+    if run is None:
+        pytest.skip("needs transformers 5.x (its get_rope_index takes mm_token_type_ids)")
+    return run
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", list(SETUPS) + list(EDGES))
+def test_v5_matches_installed_transformers(case, variant):
+    theirs = transformers_5_rope_index(variant)
+    spec = dict(SETUPS.get(case) or EDGES[case])
+    if case in SETUPS:
+        spec["padding"] = "mixed"
+    batch = make_batch(**spec, variant=variant, seed=zlib.crc32(case.encode()) % 1000)
+    want = theirs(batch, batch.second_per_grid_ts)
+    kw = v5_kwargs(batch)
+    assert_same(positions.rope_index(batch.input_ids, **kw), want)  # host (NumPy) path
+    assert_same(device_path(batch.input_ids, **kw), want)  # the GPU path, run on CPU
+    # types derived from the token ids, as the processors do
+    derived = dict(kw, mm_token_type_ids=None, image_token_id=IMAGE, video_token_id=VIDEO, convention="v5")
+    assert_same(positions.rope_index(batch.input_ids, **derived), want)
+    assert_same(device_path(batch.input_ids, **derived), want)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_v5_differs_from_v4_where_transformers_changed(variant):
+    """The conventions are not the same function: 5.x pads with 0, subtracts the unpadded length
+    and (Qwen2 variants) does not advance text past a video's frames."""
+    batch = make_batch(3, 1024, 2, 2, frames=6, variant=variant, padding="mixed", seed=21, frame_side=(2, 4))
+    v4 = positions.rope_index(batch.input_ids, **batch.kwargs())
+    v5 = positions.rope_index(batch.input_ids, **v5_kwargs(batch))
+    pad = batch.attention_mask == 0
+    assert bool((v4[0][:, pad] == 1).all()) and bool((v5[0][:, pad] == 0).all())
+    assert not torch.equal(v4[1], v5[1])
+    if variant != "qwen3_vl":  # frames (6) outnumber the grid side (<= 2): 4.x advances by 6, 5.x by 2
+        assert not torch.equal(v4[0][:, ~pad], v5[0][:, ~pad])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_v5_padding_inside_rows(variant):
+    theirs = transformers_5_rope_index(variant)
+    batch = with_holes(make_batch(3, 1500, 4, 3, frames=3, variant=variant, seed=9), holes=12, seed=9)
+    want = theirs(batch, batch.second_per_grid_ts)
+    assert_same(positions.rope_index(batch.input_ids, **v5_kwargs(batch)), want)
+    assert_same(device_path(batch.input_ids, **v5_kwargs(batch)), want)
+    # 5.x reads the mask as bool: any non-zero value is a token
+    mask = batch.attention_mask * 3
+    want = theirs(batch, batch.second_per_grid_ts, attention_mask=mask)
+    assert_same(positions.rope_index(batch.input_ids, **v5_kwargs(batch, attention_mask=mask)), want)
+    assert_same(device_path(batch.input_ids, **v5_kwargs(batch, attention_mask=mask)), want)
+
+
+@pytest.mark.parametrize("tokens_per_second", [2, 25, 2.0, 4.5])
+def test_v5_qwen2_5_seconds(tokens_per_second):
+    theirs = transformers_5_rope_index("qwen2_5_vl", tokens_per_second)
+    batch = make_batch(3, 2048, 2, 5, frames=6, variant="qwen2_5_vl", padding="mixed", seed=3,
+                       seconds=(0.5, 1 / 3, 1.5, 2.0, 0.083))
+    for secs in (batch.second_per_grid_ts, batch.second_per_grid_ts.double(), None,
+                 batch.second_per_grid_ts.tolist()):
+        want = theirs(batch, secs)
+        kw = v5_kwargs(batch, second_per_grid_ts=secs, tokens_per_second=tokens_per_second)
+        assert_same(positions.rope_index(batch.input_ids, **kw), want)
+        assert_same(device_path(batch.input_ids, **kw), want)
+
+
+@pytest.mark.parametrize("seed", range(18))
+def test_v5_random_small_batches(seed):
+    rng = random.Random(seed)
+    variant = VARIANTS[seed % 3]
+    theirs = transformers_5_rope_index(variant)
+    batch = make_batch(
+        rng.randrange(1, 5), 400, rng.randrange(0, 6), rng.randrange(0, 4), frames=rng.randrange(1, 4),
+        variant=variant, padding=rng.choice([None, "left", "right", "mixed"]), image_side=(2, 12),
+        frame_side=(2, 10), image_t=(1, 2), seconds=(0.5, 2.0, 1 / 3, 0.0), seed=seed,
+    )
+    if rng.random() < 0.3 and batch.attention_mask is None:
+        batch = with_holes(batch, holes=4, seed=seed)
+    if batch.image_grid_thw is None and batch.video_grid_thw is None:
+        pytest.skip("text only: covered by the EDGES cases")
+    want = theirs(batch, batch.second_per_grid_ts)
+    assert_same(positions.rope_index(batch.input_ids, **v5_kwargs(batch)), want)
+    assert_same(device_path(batch.input_ids, **v5_kwargs(batch)), want)
+
+
+@pytest.mark.parametrize("path", ["host", "device"])
+def test_v5_errors(path):
+    batch = make_batch(2, 512, 2, 1, frames=2, padding="right", seed=4)
+    ids, kw = batch.input_ids, v5_kwargs(batch, path=path, validate=True)
+    types = kw["mm_token_type_ids"]
+    with pytest.raises(ValueError, match="image_grid_thw: expected a row for each of the 2 images"):
+        positions.rope_index(ids, **{**kw, "image_grid_thw": batch.image_grid_thw[:1]})
+    grid = batch.image_grid_thw.clone()
+    grid[0, 1] += 2 * MERGE  # the grid now wants more tokens than the run has
+    with pytest.raises(ValueError, match="input_ids: expected every image/video token to sit in a run of equal mm_token_type_ids"):
+        positions.rope_index(ids, **{**kw, "image_grid_thw": grid})
+    bad = types.clone()
+    bad[0, 0] = 3  # audio (Qwen-Omni): not a Qwen-VL type
+    with pytest.raises(ValueError, match=r"mm_token_type_ids: expected 0 \(text\), 1 \(image\) or 2 \(video\)"):
+        positions.rope_index(ids, **{**kw, "mm_token_type_ids": bad})
+    with pytest.raises(ValueError, match="vision_start_token_id: only used by convention 'v4'"):
+        positions.rope_index(ids, **{**kw, "vision_start_token_id": VISION_START})
+    with pytest.raises(ValueError, match="mm_token_type_ids: only used by convention 'v5'"):
+        positions.rope_index(ids, **{**kw, "convention": "v4"})
+    with pytest.raises(TypeError, match="mm_token_type_ids: expected a tensor"):
+        positions.rope_index(ids, **{**kw, "mm_token_type_ids": None, "convention": "v5"})
+    with pytest.raises(ValueError, match="truncate_seconds: expected None or False"):
+        positions.rope_index(ids, **{**kw, "truncate_seconds": True})
+    with pytest.raises(ValueError, match=r"mm_token_type_ids: expected shape \(2, 512\)"):
+        positions.rope_index(ids, **{**kw, "mm_token_type_ids": types[:, 1:]})
+    with pytest.raises(ValueError, match="convention: expected one of"):
+        positions.rope_index(ids, **{**kw, "convention": "v6"})
+    with pytest.raises(ValueError, match="path: expected one of"):
+        positions.rope_index(ids, **{**kw, "path": "gpu"})
+
+
+@pytest.mark.parametrize("convention", ["v4", "v5"])
+def test_paths_agree(convention):
+    batch = make_batch(3, 2048, 4, 2, frames=3, variant="qwen2_5_vl", padding="mixed", seed=13)
+    kw = batch.kwargs() if convention == "v4" else v5_kwargs(batch)
+    results = [positions.rope_index(batch.input_ids, **kw, path=p) for p in ("auto", "host", "device")]
+    for r in results[1:]:
+        assert_same(r, results[0])
+
+
+def test_v5_no_host_reads():
+    batch = make_batch(3, 2048, 4, 2, frames=4, variant="qwen3_vl", padding="mixed", seed=5)
+    with _HostReads() as mode:
+        device_path(batch.input_ids, **v5_kwargs(batch, validate=False))
+    assert mode.reads == []
+
+
+@pytest.mark.parametrize("convention", ["v4", "v5"])
+def test_gpu_inputs_host_path_round_trip(convention, monkeypatch):
+    """The path small GPU inputs take: every tensor packed into one int64 transfer and unpacked
+    exactly (bool masks, int32 ids, float32/float64 seconds), then the NumPy path. Forced here on
+    CPU tensors by treating none of them as host-resident."""
+    batch = make_batch(3, 1024, 3, 2, frames=3, variant="qwen2_5_vl", padding="mixed", seed=17)
+    kw = batch.kwargs() if convention == "v4" else v5_kwargs(batch)
+    want = positions.rope_index(batch.input_ids, **kw, path="host")
+    monkeypatch.setattr(positions, "_resident", lambda t: False)
+    seen = []
+    real = positions._unpack
+    monkeypatch.setattr(positions, "_unpack", lambda p, like: seen.append(len(like)) or real(p, like))
+    for secs in (batch.second_per_grid_ts, batch.second_per_grid_ts.double() / 3):
+        kw2 = dict(kw, second_per_grid_ts=secs, attention_mask=batch.attention_mask.bool())
+        call = positions._validate(batch.input_ids.int(), kw2.pop("image_grid_thw"), kw2.pop("video_grid_thw"),
+                                   kw2.pop("attention_mask"), kw2.pop("mm_token_type_ids", None),
+                                   kw2.pop("spatial_merge_size"), kw2.pop("image_token_id", None),
+                                   kw2.pop("video_token_id", None), kw2.pop("vision_start_token_id", None),
+                                   kw2.pop("variant"), kw2.pop("convention", None), kw2.pop("second_per_grid_ts"),
+                                   2, None, None, "host")
+        got = positions._via_host(call)
+        ref = positions._host(call)
+        assert_same(got, ref)
+        if secs is batch.second_per_grid_ts:
+            assert_same((got[0].long(), got[1]), want)
+    assert seen and all(n >= 5 for n in seen)  # ids, mask, grids, seconds (and types): one transfer
+    parts = [torch.tensor([True, False]), torch.tensor([-3, 7], dtype=torch.int32),
+             torch.tensor([0.1, 1 / 3], dtype=torch.float32), torch.tensor([1e-300, -2.5], dtype=torch.float64)]
+    for a, b in zip(real(positions._pack(parts), parts), parts):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -531,12 +531,52 @@ def test_direct_launch_path(monkeypatch):
     calls.clear()
     plan.launchers.clear()
     monkeypatch.setattr(launch, "_RAW", [FakeCudaLauncher])  # Triton 3.6's NVIDIA launcher
+    monkeypatch.setattr(launch, "_LIBCUDA", [False])  # no libcuda here: its C launch function
     launch._launch(plan, ptrs)
     launch._launch(plan, ptrs)
     assert [c[0] for c in calls] == ["run", "raw"]
     gx, gy, gz = plan.grid
     assert calls[1][1] == (gx, gy, gz, 77, 1234, False, False, None, None, (4, 1, 0), None, None, None,
                            *addresses, *plan.tail)
+
+    calls.clear()
+    plan.launchers.clear()
+    # with libcuda (ctypes): cuLaunchKernel with the parameter block built once, pointers written
+    # per call; the block holds every non-constexpr parameter in order, then two scratch pointers
+    import ctypes
+
+    names = launch._ARG_NAMES
+    values = dict(zip(names, addresses + plan.tail))
+    signature = {n: ("constexpr" if v is None or type(v) is bool or v == 1 or n.isupper() else
+                     "*fp32" if n.endswith("_ptr") else "i64" if n == "qs0" else "i32") for n, v in values.items()}
+    Compiled.src = type("Src", (), {"signature": signature})()
+    Compiled.metadata = type("Meta", (), {"num_warps": plan.num_warps, "shared": 0})()
+    launched = []
+
+    def cu_launch(function, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        n = len(Compiled.src.signature) + 2
+        block = ctypes.cast(params, ctypes.POINTER(ctypes.c_void_p * n)).contents
+        packed = [n_ for n_, t in signature.items() if t != "constexpr"]
+        got = {}
+        for j, name in enumerate(packed):
+            kind = ctypes.c_int64 if signature[name] in ("i64",) or signature[name].startswith("*") else ctypes.c_int32
+            got[name] = ctypes.cast(block[j], ctypes.POINTER(kind)).contents.value
+        launched.append(((function.value, gx, gy, gz, bx, shared, stream), got))
+        return 0
+
+    monkeypatch.setattr(launch, "_LIBCUDA", [cu_launch])
+    launch._launch(plan, ptrs)
+    launch._launch(plan, ptrs)
+    assert [c[0] for c in calls] == ["run"] and len(launched) == 1
+    (function, gx_, gy_, gz_, threads, shared, stream), got = launched[0]
+    assert (function, gx_, gy_, gz_, threads, stream) == (1234, *plan.grid, 32 * plan.num_warps, 77)
+    assert got == {n: values[n] for n, t in signature.items() if t != "constexpr"}
+    monkeypatch.setattr(launch, "_LIBCUDA", [lambda *a: 999])  # a launch error: Triton's launcher instead
+    plan.launchers.clear()
+    launch._launch(plan, ptrs)
+    launch._launch(plan, ptrs)
+    assert [c[0] for c in calls] == ["run", "run", "runner"] and launch._LIBCUDA == [False]
+    del Compiled.src, Compiled.metadata
 
     calls.clear()
     plan.launchers.clear()

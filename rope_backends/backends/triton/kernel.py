@@ -75,6 +75,20 @@ def _round_to(v, DTYPE: tl.constexpr, EXACT_CASTS: tl.constexpr):
 
 
 @triton.jit
+def _cache_rows(pos_ptr, p_off, cache_ptr, cache_s0, cache_s1, max_pos, row_ok, pair_ok, i,
+                HALF: tl.constexpr, EXACT_CASTS: tl.constexpr):
+    """cos, sin ``[BLOCK_T, BLOCK_HALF]`` float32 of each row's position (``pos_ptr + p_off``).
+    An out-of-range position reads nothing (masked) and gives NaN, as reference.py does."""
+    pos = tl.load(pos_ptr + p_off, mask=row_ok, other=0).to(tl.int64)[:, None]
+    valid = (pos >= 0) & (pos < max_pos)
+    c_off = tl.where(valid, pos, 0) * cache_s0 + i[None, :] * cache_s1
+    c_mask = row_ok[:, None] & pair_ok[None, :] & valid
+    c = _f32(tl.load(cache_ptr + c_off, mask=c_mask, other=0.0), EXACT_CASTS)
+    s = _f32(tl.load(cache_ptr + c_off + HALF * cache_s1, mask=c_mask, other=0.0), EXACT_CASTS)
+    return tl.where(valid, c, float("nan")), tl.where(valid, s, float("nan"))
+
+
+@triton.jit
 def _rotate_tile(
     # the tensor this program serves and its output (the same pointer when in place)
     x_ptr, o_ptr, row_block, head_block, rows, L1, L2, heads,
@@ -124,24 +138,23 @@ def _rotate_tile(
     if HAS_POSITIONS:
         p_row = l0 * ps0 + l1 * ps1 + l2 * ps2
         if MROPE:
-            # the three position rows once per row, then a select per pair: a gather of
-            # positions[axis[i]] per element costs BLOCK_HALF loads per row
+            # the three position rows once per row, their three cache rows loaded whole (contiguous,
+            # 16-byte loads, from L2), then a select per pair by the axis map: a gather of
+            # cache[positions[axis[i]], i] per element is one scalar load per pair
             axis = tl.load(axis_ptr + i, mask=pair_ok, other=0)[None, :]
-            p_t = tl.load(pos_ptr + p_row, mask=row_ok, other=0).to(tl.int64)[:, None]
-            p_h = tl.load(pos_ptr + p_row + psr, mask=row_ok, other=0).to(tl.int64)[:, None]
-            p_w = tl.load(pos_ptr + p_row + 2 * psr, mask=row_ok, other=0).to(tl.int64)[:, None]
-            pos = tl.where(axis == 0, p_t, tl.where(axis == 1, p_h, p_w))    # [T, pairs]
+            c, s = _cache_rows(pos_ptr, p_row, cache_ptr, cache_s0, cache_s1, max_pos, row_ok, pair_ok, i,
+                               HALF, EXACT_CASTS)
+            c_h, s_h = _cache_rows(pos_ptr, p_row + psr, cache_ptr, cache_s0, cache_s1, max_pos, row_ok, pair_ok,
+                                   i, HALF, EXACT_CASTS)
+            c_w, s_w = _cache_rows(pos_ptr, p_row + 2 * psr, cache_ptr, cache_s0, cache_s1, max_pos, row_ok,
+                                   pair_ok, i, HALF, EXACT_CASTS)
+            c = tl.where(axis == 0, c, tl.where(axis == 1, c_h, c_w))[:, None, :]
+            s = tl.where(axis == 0, s, tl.where(axis == 1, s_h, s_w))[:, None, :]
         else:
-            pos = tl.load(pos_ptr + p_row, mask=row_ok, other=0).to(tl.int64)[:, None]
-        # an out-of-range position reads nothing (masked) and gives NaN, as reference.py does
-        valid = (pos >= 0) & (pos < max_pos)
-        safe = tl.where(valid, pos, 0)
-        c_off = safe * cache_s0 + i[None, :] * cache_s1
-        c_mask = row_ok[:, None] & pair_ok[None, :] & valid
-        c = _f32(tl.load(cache_ptr + c_off, mask=c_mask, other=0.0), EXACT_CASTS)
-        s = _f32(tl.load(cache_ptr + c_off + HALF * cache_s1, mask=c_mask, other=0.0), EXACT_CASTS)
-        c = tl.where(valid, c, float("nan"))[:, None, :]
-        s = tl.where(valid, s, float("nan"))[:, None, :]
+            c, s = _cache_rows(pos_ptr, p_row, cache_ptr, cache_s0, cache_s1, max_pos, row_ok, pair_ok, i,
+                               HALF, EXACT_CASTS)
+            c = c[:, None, :]
+            s = s[:, None, :]
     else:
         c_row = l0 * cs0 + l1 * cs1 + l2 * cs2
         if COS_PER_HEAD:

@@ -110,8 +110,19 @@ def set_config(block_t: int | None, block_h: int | None = None, num_warps: int |
 def _kernel():
     """The jitted kernel; importing kernel.py imports triton. Which flavour (compiled or
     interpreted) is fixed by TRITON_INTERPRET when this first runs, as Triton's jit decides it."""
-    global _KERNEL, _ARG_NAMES
+    global _KERNEL
     if _KERNEL is None:
+        from . import kernel
+
+        _names()
+        _KERNEL = kernel.rope_kernel
+    return _KERNEL
+
+
+def _names() -> tuple[str, ...]:
+    """rope_kernel's parameter names (read once from the kernel), and the pointer orders."""
+    global _ARG_NAMES
+    if not _ARG_NAMES:
         from . import kernel
 
         names = tuple(kernel.rope_kernel.arg_names)
@@ -121,8 +132,7 @@ def _kernel():
         for kind, slots in _POINTER_SLOTS.items():
             _ORDER[kind] = operator.itemgetter(*(slots[n] for n in pointers))
         _ARG_NAMES = names
-        _KERNEL = kernel.rope_kernel
-    return _KERNEL
+    return _ARG_NAMES
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,6 +367,9 @@ def _launcher(compiled, plan: Plan):
     raw_class = _raw_launcher_class()
     run = getattr(compiled, "run", None)
     if raw_class and isinstance(run, raw_class) and _raw_ok(compiled, run):
+        direct = _driver_launcher(compiled, plan, runner)
+        if direct is not None:
+            return direct
         c_launch, function, packed = run.launch, compiled.function, compiled.packed_metadata
         gx, gy, gz = plan.grid
         coop, pdl = run.launch_cooperative_grid, run.launch_pdl
@@ -376,6 +389,80 @@ def _launcher(compiled, plan: Plan):
     def launch(addresses):
         runner(*addresses, *tail)
     return launch
+
+
+_LIBCUDA = [None]  # None: not loaded yet; False: unavailable; else ctypes' cuLaunchKernel
+_CUDA_ERROR_INVALID_CONTEXT = 201
+
+
+def _cu_launch_kernel():
+    if _LIBCUDA[0] is None:
+        try:
+            import ctypes
+
+            fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernel
+            u = ctypes.c_uint
+            fn.argtypes = [ctypes.c_void_p, u, u, u, u, u, u, u, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+            fn.restype = ctypes.c_int
+            _LIBCUDA[0] = fn
+        except Exception:
+            _LIBCUDA[0] = False
+    return _LIBCUDA[0]
+
+
+def _driver_launcher(compiled, plan: Plan, fallback):
+    """``cuLaunchKernel`` through ctypes with the kernel's parameter block built once: a call only
+    writes the pointers' addresses into their slots. The block is laid out as Triton 3.6's NVIDIA
+    launcher lays it out (every parameter that is not a constexpr, in signature order, as its C
+    type; then the global and profile scratch pointers, none here). None where the signature holds
+    a type this does not pack. A launch error falls back to Triton's own launcher (``fallback``),
+    which also makes a CUDA context current on a thread that has none."""
+    import ctypes
+
+    launch = _cu_launch_kernel()
+    signature = getattr(getattr(compiled, "src", None), "signature", None)
+    metadata = getattr(compiled, "metadata", None)
+    if not launch or not isinstance(signature, dict) or len(signature) != len(_ARG_NAMES) or metadata is None:
+        return None
+    slots, pointer_slots = [], []
+    for n, (name, ty) in enumerate(zip(_ARG_NAMES, signature.values())):
+        if ty == "constexpr":
+            continue
+        if isinstance(ty, str) and ty.startswith("*") and n < len(_POINTER_SLOTS["table"]):
+            slot = ctypes.c_uint64(0)
+            pointer_slots.append((n, slot))
+        elif ty == "i32":
+            slot = ctypes.c_int32(plan.values[name])
+        elif ty == "i64":
+            slot = ctypes.c_int64(plan.values[name])
+        else:
+            return None
+        slots.append(slot)
+    slots += [ctypes.c_uint64(0), ctypes.c_uint64(0)]  # global scratch, profile scratch
+    params = (ctypes.c_void_p * len(slots))(*[ctypes.addressof(slot) for slot in slots])
+    function = ctypes.c_void_p(compiled.function)
+    gx, gy, gz = plan.grid
+    threads = 32 * metadata.num_warps
+    shared = metadata.shared
+    stream_of, device = _raw_stream, _current_device
+    if stream_of is None:
+        return None
+    tail = plan.tail
+    working = [True]
+
+    def launch_direct(addresses):
+        if working[0]:
+            for n, slot in pointer_slots:
+                slot.value = addresses[n]
+            err = launch(function, gx, gy, gz, threads, 1, 1, shared, stream_of(device()), params, None)
+            if not err:
+                return
+            if err != _CUDA_ERROR_INVALID_CONTEXT:  # not a thread without a context: never again
+                working[0] = False
+                _LIBCUDA[0] = False
+        fallback(*addresses, *tail, stream=stream_of(device()))
+    launch_direct.slots = slots  # for tests: the parameter block as built
+    return launch_direct
 
 
 def _raw_ok(compiled, run) -> bool:
@@ -660,9 +747,9 @@ def _build(args: RopeArgs, pairs) -> "Plan | str | None":
         BLOCK_T=tile.block_t,
         BLOCK_H=tile.block_h,
     )
-    _kernel()
+    names = _names()
     pointers = len(_POINTER_SLOTS["table"])
-    tail = tuple(values[name] for name in _ARG_NAMES[pointers:])  # KeyError: kernel and plan disagree
+    tail = tuple(values[name] for name in names[pointers:])  # KeyError: kernel and plan disagree
     if len(values) != len(tail):
         raise RuntimeError(f"plan values {sorted(set(values) - set(_ARG_NAMES))} are no rope_kernel parameters")
     return Plan(values, (sum(programs), 1, 1), tile.num_warps, contiguous_cos, dummy_cache, tail)
