@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import rope_backends as rb
 from rope_backends.integrations.transformers import patch
@@ -57,8 +57,8 @@ def same_bits_as_serving(model, ids) -> bool:
     pre = []  # each layer's k before the rotation: the k_proj output
     hooks = [layer.self_attn.k_proj.register_forward_hook(lambda m, a, out: pre.append(out))
              for layer in model.model.layers]
-    cache = DynamicCache(config=model.config)
-    model(input_ids=ids, past_key_values=cache, use_cache=True)
+    out = model(input_ids=ids, use_cache=True)
+    cache = out["cache"] if "cache" in out else out["past_key_values"]  # the model's own KV cache (5.24 renamed it)
     for h in hooks:
         h.remove()
     server_cache = rb.rope_config(model.config).cos_sin_cache(device=ids.device)  # float32, built once

@@ -472,6 +472,129 @@ def test_changed_transformers_function_is_refused(monkeypatch):
     _assert_restored(model, before)
 
 
+# ------------------------------------------------------------------------------------------------
+# tables="rb": the trainer's rotated q/k are the server's
+
+
+def _serving_config(model, layer: int):
+    """What a server builds from the model's config for ``layer``: the cache and the MRoPE axis map."""
+    cfg = model.config.get_text_config()
+    if model.config.model_type == "gptj":  # GPT-J: theta 10000 on config.rotary_dim dims
+        rc = rb.rope_config(None, rotary_dim=cfg.rotary_dim, base=10000.0, max_position_embeddings=cfg.n_positions)
+    else:  # Gemma 3: one table per layer type
+        kinds = getattr(cfg, "layer_types", None)
+        nested = kinds and set(kinds) <= set(getattr(cfg, "rope_parameters", None) or {})
+        rc = rb.rope_config(cfg, layer_type=kinds[layer] if nested else None)
+    return rc.cos_sin_cache(), (rc.mrope() if rc.mrope_section is not None else None), rc.rotary_dim
+
+
+def _serving_check(family: str, backend: str) -> int:
+    """Run the bf16 model patched with tables="rb" on ``backend``; every text rotation's output
+    must equal ``rb.apply_cached`` (on the same backend) of its input with the server's cache and
+    the positions the model used, as a flat token stream. Returns the number of rotations checked."""
+    model, inp = build(family, torch.bfloat16)
+    recorded, positions = [], []
+    real_qk, real_apply = rb.apply_qk, rb.apply
+
+    def apply_qk(q, k, cos, sin, **kw):
+        out = real_qk(q, k, cos, sin, **kw)
+        recorded.append(((q.clone(), k.clone()), out))
+        return out
+
+    def apply(x, cos, sin, **kw):
+        out = real_apply(x, cos, sin, **kw)
+        recorded.append(((x.clone(),), (out,)))
+        return out
+
+    with rbt.patch(model, tables="rb"):
+        hooks = [m.register_forward_pre_hook(
+            lambda mod, args, kw: positions.append(args[1] if len(args) > 1 else kw["position_ids"]), with_kwargs=True)
+            for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding") and "Vision" not in type(m).__name__]
+        rb.apply_qk, rb.apply = apply_qk, apply
+        try:
+            with torch.no_grad(), rb.use_backend(backend):
+                model(**inp)
+        finally:
+            rb.apply_qk, rb.apply = real_qk, real_apply
+            for h in hooks:
+                h.remove()
+    checked = 0
+    text = [r for r in recorded if r[0][0].dim() == 4]  # not a vision tower's [S, H, D]: its own tables
+    gptj = family == "gptj"  # per tensor, [B, S, H, r] slices of q/k, not [B, H, S, D]
+    for call, (ins, outs) in enumerate(text):
+        cache, mrope, rotary_dim = _serving_config(model, call // 2 if gptj else call)
+        b = ins[0].shape[0]
+        s = ins[0].shape[1] if gptj else ins[0].shape[2]
+        pos = positions[0]
+        pos = pos.expand(*pos.shape[:-2], b, s) if mrope is None else pos.expand(3, b, s)
+        pos = pos.reshape(b * s) if mrope is None else pos.reshape(3, b * s)
+
+        def flat(t):  # [B, H, S, D] (or GPT-J's [B, S, H, r]) -> a server's [T, H*D]
+            return (t if gptj else t.transpose(1, 2)).reshape(b * s, -1).clone()
+
+        served = [flat(t) for t in ins]
+        head_dim = ins[0].shape[-1]
+        rb.apply_cached(served[0], served[1] if len(served) > 1 else None, pos, cache, rotary_dim=rotary_dim,
+                        mrope=mrope, head_dim=head_dim, backend=backend, layout="interleaved" if gptj else "neox")
+        for got, want in zip(served, outs):
+            assert_bitwise_equal(flat(want), got, name=f"{family} on {backend}: rotated q/k vs apply_cached")
+            checked += 1
+    return checked
+
+
+SERVING_FAMILIES = ["llama", "qwen3", "qwen2_vl"]
+
+
+@pytest.mark.parametrize("backend", ["eager", "npu"])
+@pytest.mark.parametrize("family", SERVING_FAMILIES)
+def test_tables_rb_rotations_equal_serving_bf16(family, backend):
+    assert _serving_check(family, backend) == 4  # 2 layers x (q, k)
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl", "gemma3", "gemma2", "gpt_neox", "phi3", "mistral"])
+def test_tables_rb_rotations_equal_serving_more_families(family):
+    assert _serving_check(family, "eager") == 4
+
+
+def test_tables_rb_gptj():
+    if not any(n == "GPTJRotaryEmbedding" for n in dir(tf.models.gptj.modeling_gptj)):
+        with pytest.raises(ValueError, match=r"tables: 'rb' replaces the model's rotary-embedding module"):
+            rbt.patch(build("gptj")[0], tables="rb")  # earlier 5.x: GPT-J computes its table inside attention
+        return
+    assert _serving_check("gptj", "eager") == 4  # per tensor: 2 layers x (q, k)
+
+
+def test_tables_rb_rotations_equal_serving_triton_interpreter():
+    """The same check with the Triton kernels, through the interpreter, in a process of its own."""
+    pytest.importorskip("triton")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    code = ("import sys; sys.path.insert(0, %r); import test_integrations_transformers as t\n"
+            "print([t._serving_check(f, 'triton') for f in t.SERVING_FAMILIES])\n" % tests)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=os.path.dirname(tests))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[4, 4, 4]", done.stdout
+
+
+def test_tables_rb_refusals():
+    model, inp = build("llama")
+    before = _state(model)
+    with rbt.patch(model):
+        with pytest.raises(ValueError, match=r"already patched differently .*undo that patch first"):
+            rbt.patch(model, tables="rb")
+    _assert_restored(model, before)
+    dynamic = tf.LlamaForCausalLM(tf.LlamaConfig(**_text(rope_parameters={
+        "rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})))
+    with pytest.raises(ValueError, match=r"rope_type 'dynamic' changes with the sequence length"):
+        rbt.patch(dynamic, tables="rb")
+    assert "forward" not in vars(dynamic.model.layers[0].self_attn)
+    with rbt.patch(model, tables="rb"):  # max_position_embeddings = 256 rows
+        model(**inp)
+        with pytest.raises(ValueError, match=r"positions: expected values in \[0, 256\)"):
+            model(input_ids=inp["input_ids"], position_ids=torch.arange(250, 262)[None])
+
+
 def test_integration_study_runs_tiny(tmp_path, capsys):
     """bench/studies/integration_llama.py --tiny: the GPU study's code path on the CPU."""
     import importlib.util

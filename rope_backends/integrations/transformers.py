@@ -255,23 +255,29 @@ def _replacement(original: Callable, form: Form, promote: bool) -> Callable:
 
 class _Tables:
     """A rotary-embedding module's replacement ``forward``: looks positions up in a float32
-    ``cos_sin_cache`` (the one ``rb.rope_config(config).cos_sin_cache()`` builds, per layer type),
-    exactly as ``rb.apply_cached`` does, and returns them in the form the model's attention reads:
-    duplicated ``cos, sin [..., S, rotary_dim]`` (neox families) or GPT-J's ``sin, cos [..., S, r/2]``.
-    MRoPE families pick each frequency's position row (t, h, w) by the model's section layout."""
+    ``cos_sin_cache`` (the one ``rb.rope_config(config).cos_sin_cache()`` builds, per layer type)
+    exactly as ``rb.apply_cached`` does, and returns cos/sin in the form the model's attention reads:
 
-    def __init__(self, caches: dict, mrope: "_rb.MRope | None", form: str) -> None:
+    ``"neox"``      duplicated ``cos, sin [..., S, rotary_dim]``
+    ``"mrope"``     the same, each frequency from its MRoPE row (t, h, w) of ``position_ids [3, B, S]``
+    ``"per_axis"``  ``[3, B, S, rotary_dim]``, one table per row (earlier Qwen2-VL code merges them)
+    ``"gptj"``      GPT-J's ``sin, cos [B, S, rotary_dim / 2]``
+    """
+
+    def __init__(self, caches: dict, form: str, mrope: "_rb.MRope | None" = None) -> None:
         self.caches = caches  # layer_type (None: the only one) -> float32 [max_position, rotary_dim] on CPU
         self.on_device: dict = {}
-        self.axis_map = None if mrope is None else mrope.axis_map
         self.form = form
+        self.axis_map = None if mrope is None else mrope.axis_map
 
     def cache(self, layer_type: object, device: torch.device) -> Tensor:
+        if layer_type not in self.caches:
+            if len(self.caches) != 1:
+                raise ValueError(f"layer_type: expected one of {sorted(map(str, self.caches))}, got {layer_type!r}")
+            layer_type = next(iter(self.caches))
         key = (layer_type, device)
         found = self.on_device.get(key)
         if found is None:
-            if layer_type not in self.caches:
-                raise ValueError(f"layer_type: expected one of {sorted(map(str, self.caches))}, got {layer_type!r}")
             found = self.on_device[key] = self.caches[layer_type].to(device)
         return found
 
@@ -279,8 +285,8 @@ class _Tables:
         from rope_backends.reference import cos_sin_from_cache
         from rope_backends.spec import check_position_range
 
-        cache = self.cache(layer_type if len(self.caches) > 1 else None, x.device)
-        if self.axis_map is not None:
+        cache = self.cache(layer_type, x.device)
+        if self.form in ("mrope", "per_axis"):
             position_ids = position_ids.expand(3, -1, -1)  # text-only input: one row for t, h, w
         if position_ids.device.type == "cpu" and not torch.compiler.is_compiling():
             check_position_range(position_ids, cache)  # as apply_cached: never a silent NaN on CPU
@@ -295,40 +301,75 @@ def _text_config(config: object) -> object:
     return get() if callable(get) else config
 
 
-def _layer_types(fwd: Callable) -> bool:
+def _takes_layer_type(fwd: Callable) -> bool:
     try:
         return "layer_type" in inspect.signature(fwd).parameters
     except (TypeError, ValueError):
         return False
 
 
-def _tables_for(family: _Family, module: nn.Module, model: nn.Module, where: str) -> _Tables:
-    if not hasattr(_rb, "rope_config"):
-        raise ValueError("tables: 'rb' needs rope_backends.rope_config, which this rope_backends lacks")
+_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _check_against_model(rc, module: nn.Module, kind: object, where: str) -> None:
+    """The model's own inverse frequencies (its ``inv_freq`` buffer) must be what ``rope_config``
+    read from the config, to the buffer's precision: a config read differently from the model is
+    refused, not silently given other tables."""
+    buffer = getattr(module, f"{kind}_inv_freq" if kind is not None else "inv_freq", None)
+    if not isinstance(buffer, Tensor):
+        return
+    ours = rc.inv_freq().to(torch.float64)
+    theirs = buffer.detach().to("cpu", torch.float64).reshape(-1)
+    if theirs.shape != ours.shape:
+        raise ValueError(f"tables: 'rb' read rotary_dim {rc.rotary_dim} from the config, but {where} rotates "
+                         f"{2 * theirs.numel()} dims; not patching")
+    if rc.rope_type in ("longrope", "dynamic"):
+        return  # the model picks its frequencies by sequence length at run time
+    rel = ((ours - theirs).abs() / theirs.abs().clamp_min(1e-30)).max().item() if ours.numel() else 0.0
+    if rel > _TOLERANCE.get(buffer.dtype, 1e-5):
+        raise ValueError(f"tables: 'rb' read inverse frequencies from the config that differ from {where}'s own "
+                         f"(max relative difference {rel:.3g}); not patching")
+
+
+def _tables_for(family: _Family, module: nn.Module, model: nn.Module, where: str, per_axis: bool) -> _Tables:
     config = getattr(module, "config", None) or _text_config(getattr(model, "config", None))
-    if config is None:
-        raise ValueError(f"tables: 'rb' needs the model's config; {where} has none")
-    if _layer_types(type(module).forward):
-        kinds = sorted(set(getattr(config, "layer_types", None) or ()))
-        if not kinds:
-            raise ValueError(f"tables: 'rb' needs config.layer_types for {where}, got none")
+    if family.tables_form == "gptj":
+        # GPT-J fixes theta = 10000 and rotates config.rotary_dim (or head_dim) dims: its module says which
+        dim, rows = getattr(module, "pos_embd_dim", None), getattr(module, "max_positions", None)
+        if not isinstance(dim, int) or not isinstance(rows, int):
+            raise ValueError(f"tables: 'rb' expected GPT-J's pos_embd_dim and max_positions on {where}")
+        configs = {None: _rb.rope_config(None, rotary_dim=dim, base=10000.0, max_position_embeddings=rows)}
     else:
+        if config is None:
+            raise ValueError(f"tables: 'rb' needs the model's config; {where} has none")
         kinds = [None]
+        if _takes_layer_type(type(module).forward):
+            kinds = sorted(set(getattr(config, "layer_types", None) or ()))
+            if not kinds:
+                raise ValueError(f"tables: 'rb' needs config.layer_types for {where}, got none")
+        configs = {kind: _rb.rope_config(config, layer_type=kind) for kind in kinds}
     caches, mrope = {}, None
-    for kind in kinds:
-        rc = _rb.rope_config(config, layer_type=kind)
-        rope_type = getattr(rc, "rope_type", "default")
-        if rope_type == "dynamic":
+    for kind, rc in configs.items():
+        if rc.rope_type == "dynamic":
             raise ValueError(
                 f"tables: 'rb' builds one table per model, but rope_type 'dynamic' changes with the sequence "
                 f"length ({where}); use tables='model'")
+        _check_against_model(rc, module, kind, where)
         caches[kind] = rc.cos_sin_cache(dtype=torch.float32).cpu()
-        if family.mrope is not None:
-            section = getattr(rc, "mrope_section", None)
-            if not section:
-                raise ValueError(f"tables: 'rb' needs an mrope_section in the config of {where}, got {section!r}")
-            mrope = (_rb.mrope.interleaved if family.mrope == "interleaved" else _rb.mrope.chunked)(list(section))
-    lookup = _Tables(caches, mrope, family.tables_form)
+    form = family.tables_form
+    if family.mrope is not None:
+        # the sections the model's rotary module applies (transformers defaults them when the
+        # config has none); a config that names other ones is refused
+        section = list(getattr(module, "mrope_section", None) or next(iter(configs.values())).mrope_section or ())
+        named = next(iter(configs.values())).mrope_section
+        if len(section) != 3 or (named is not None and list(named) != section):
+            raise ValueError(f"tables: 'rb' expected the MRoPE sections of {where}, got {section!r} (config {named!r})")
+        if per_axis:
+            form = "per_axis"
+        else:
+            form = "mrope"
+            mrope = (_rb.mrope.interleaved if family.mrope == "interleaved" else _rb.mrope.chunked)(section)
+    lookup = _Tables(caches, form, mrope)
     buffer = next(iter(module.buffers()), None)
     if buffer is not None and buffer.device.type != "cpu":
         for kind in caches:  # the model's device now: the first call needs no copy
@@ -390,6 +431,7 @@ def patch(model: nn.Module, *, tables: str | None = None) -> Patch:
     modules: list[str] = []
     unsupported: list[str] = []
     attention_families: dict[str, _Family] = {}
+    forms_used: set = set()
     for where, module in model.named_modules():
         where = where or type(model).__name__
         attr, fwd = _forward_of(module, where)
@@ -408,6 +450,7 @@ def patch(model: nn.Module, *, tables: str | None = None) -> Patch:
                     unsupported.append(f"{where} ({type(module).__name__}) calls {site.module}")
                 continue
             verify(site.original, form, where, "transformers", promote=True)
+            forms_used.add(form)
             replacement = _replacement(site.original, form, promote=not rb_tables)
             alias = f"_rope_backends__{site.name}__{'rb_tables' if rb_tables else 'model_tables'}"
             plan[(site.kind, site.name)] = alias
@@ -429,7 +472,7 @@ def patch(model: nn.Module, *, tables: str | None = None) -> Patch:
     if not edits:
         raise _unsupported([f"{type(model).__name__}: {_describe(model)}"])
     if rb_tables:
-        edits += _table_edits(model, set(families))
+        edits += _table_edits(model, set(families), per_axis=_MULTIMODAL_QK in forms_used)
     held = apply_edits(edits)
     return Patch("transformers", tuple(families), tuple(modules), tables, held)
 
@@ -440,7 +483,7 @@ def _describe(model: nn.Module) -> str:
         "no transformers modules"
 
 
-def _table_edits(model: nn.Module, families: set[str]) -> list[Edit]:
+def _table_edits(model: nn.Module, families: set[str], per_axis: bool) -> list[Edit]:
     edits = []
     for where, module in model.named_modules():
         cls = type(module)
@@ -451,7 +494,7 @@ def _table_edits(model: nn.Module, families: set[str]) -> list[Edit]:
             continue
         if unpatched(module, "forward") is not MISSING:
             raise ValueError(f"model: {where} already has its own forward; patch the model before wrapping its modules")
-        lookup = _tables_for(family, module, model, where)
+        lookup = _tables_for(family, module, model, where, per_axis)
         edits.append(Edit(module, "forward", ("transformers", "rb"), lambda lookup=lookup: lookup.forward, (),
                           f"{where}.forward"))
     if not edits:
