@@ -201,6 +201,34 @@ def test_fp32_forward_and_gradients_bit_equal(case, counting):
     _assert_same_step(after, want)
 
 
+def _fp32_step_on(case: str, backend: str) -> None:
+    model, inp = build(case)
+    model.train()
+    want = _step(model, inp)
+    with rb.use_backend(backend), rbd.patch(model):
+        got = _step(model, inp)
+    _assert_same_step(got, want)
+
+
+@pytest.mark.filterwarnings("ignore:In CPU autocast")
+@pytest.mark.parametrize("case", sorted(MODELS))
+def test_fp32_bit_equal_on_the_npu_backend(case):
+    _fp32_step_on(case, "npu")
+
+
+def test_fp32_bit_equal_on_the_triton_interpreter():
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    code = ("import sys; sys.path.insert(0, %r); import test_integrations_diffusers as t\n"
+            "for c in ('wan', 'helios', 'flux', 'ltx'):\n    t._fp32_step_on(c, 'triton')\nprint('ok')\n" % tests)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TRITON_INTERPRET="1"), cwd=os.path.dirname(tests))
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
 @pytest.mark.parametrize("case", sorted(MODELS))
 def test_bf16_as_loaded_bit_equal_where_tables_are_float32(case):
     fp32_tables = MODELS[case][4]

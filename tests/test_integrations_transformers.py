@@ -210,6 +210,31 @@ def test_fp32_forward_and_gradients_bit_equal(family, counting):
     _assert_same_step(after, want)
 
 
+def _fp32_step_on(family: str, backend: str) -> None:
+    model, inp = build(family)
+    model.train()
+    want = _step(model, inp)
+    with rb.use_backend(backend), rbt.patch(model):
+        got = _step(model, inp)
+    _assert_same_step(got, want)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_fp32_bit_equal_on_the_npu_backend(family):
+    """The NPU backend returns contiguous results where the reference keeps q's strides: same bits."""
+    _fp32_step_on(family, "npu")
+
+
+def test_fp32_bit_equal_on_the_triton_interpreter():
+    pytest.importorskip("triton")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    code = ("import sys; sys.path.insert(0, %r); import test_integrations_transformers as t\n"
+            "for f in ('llama', 'qwen3', 'gptj', 'qwen2_vl'):\n    t._fp32_step_on(f, 'triton')\nprint('ok')\n" % tests)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TRITON_INTERPRET="1"), cwd=os.path.dirname(tests))
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
 # ------------------------------------------------------------------------------------------------
 # bf16 / fp16: each rotation at least as close to float64 as transformers' own
 
