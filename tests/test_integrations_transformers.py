@@ -136,17 +136,17 @@ FAMILIES = {
 }
 
 
-def build(family: str, dtype: torch.dtype = torch.float32):
+def build(family: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     make, inputs = FAMILIES[family][:2]
     torch.manual_seed(0)
-    model = make().to(dtype)
+    model = make().to(device, dtype)
     model.config.use_cache = False
     inp = inputs()
     if "mm_token_type_ids" in inp and "mm_token_type_ids" not in inspect.signature(type(model).forward).parameters:
         del inp["mm_token_type_ids"]  # transformers before 5.x's processor-provided token types
     if "pixel_values" in inp:
         inp["pixel_values"] = inp["pixel_values"].to(dtype)
-    return model, inp
+    return model, {k: v.to(device) for k, v in inp.items()}
 
 
 def test_every_supported_family_is_tested():
@@ -210,8 +210,8 @@ def test_fp32_forward_and_gradients_bit_equal(family, counting):
     _assert_same_step(after, want)
 
 
-def _fp32_step_on(family: str, backend: str) -> None:
-    model, inp = build(family)
+def _fp32_step_on(family: str, backend: str, device: str = "cpu") -> None:
+    model, inp = build(family, device=device)
     model.train()
     want = _step(model, inp)
     with rb.use_backend(backend), rbt.patch(model):
@@ -233,6 +233,29 @@ def test_fp32_bit_equal_on_the_triton_interpreter():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, TRITON_INTERPRET="1"), cwd=os.path.dirname(tests))
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm device")
+
+
+@pytest.mark.gpu
+@_CUDA
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "gptj", "gpt_neox", "qwen2_vl", "qwen3_vl"])
+def test_cuda_fp32_bit_equal(family):
+    """On a GPU (the triton backend where it is installed): the same float32 bits as transformers'."""
+    _fp32_step_on(family, _cuda_backend(), "cuda")
+
+
+@pytest.mark.gpu
+@_CUDA
+@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen2_vl"])
+def test_cuda_tables_rb_rotations_equal_serving_bf16(family):
+    assert _serving_check(family, _cuda_backend(), "cuda") == 4
+
+
+def _cuda_backend() -> str:
+    serving = [b for b in rb.backends() if b.available and ("cuda" in b.device_types or "*" in b.device_types)]
+    return max(serving, key=lambda b: b.priority).name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -510,14 +533,14 @@ def _serving_config(model, layer: int):
         kinds = getattr(cfg, "layer_types", None)
         nested = kinds and set(kinds) <= set(getattr(cfg, "rope_parameters", None) or {})
         rc = rb.rope_config(cfg, layer_type=kinds[layer] if nested else None)
-    return rc.cos_sin_cache(), (rc.mrope() if rc.mrope_section is not None else None), rc.rotary_dim
+    return rc.cos_sin_cache(device=model.device), (rc.mrope() if rc.mrope_section is not None else None), rc.rotary_dim
 
 
-def _serving_check(family: str, backend: str) -> int:
+def _serving_check(family: str, backend: str, device: str = "cpu") -> int:
     """Run the bf16 model patched with tables="rb" on ``backend``; every text rotation's output
     must equal ``rb.apply_cached`` (on the same backend) of its input with the server's cache and
     the positions the model used, as a flat token stream. Returns the number of rotations checked."""
-    model, inp = build(family, torch.bfloat16)
+    model, inp = build(family, torch.bfloat16, device)
     recorded, positions = [], []
     real_qk, real_apply = rb.apply_qk, rb.apply
 
@@ -633,6 +656,7 @@ def test_integration_study_runs_tiny(tmp_path, capsys):
     assert study.main(["--tiny", "--device", "cpu", "--repeats", "1", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "integration-llama.json").read_text())
     assert doc["fp32"]["logits_bit_equal"] is True and doc["fp32"]["grads_bit_equal"] is True
+    assert doc["tables_rb_vs_apply_cached"] == {"layers": 2, "tokens": 32, "bit_equal": True}
     assert [r["variant"] for r in doc["rows"]][:2] == ["hf", "rb"]
     assert all(r["patched_modules"] == (0 if r["variant"] == "hf" else 2) for r in doc["rows"])
     assert "| variant | train step" in capsys.readouterr().out

@@ -13,7 +13,9 @@ Per variant: a training step (forward + backward + AdamW step, batch x seq token
 (greedy, exactly ``new_tokens`` new tokens after a prompt), each timed as the median of ``--repeats``
 runs after one warm-up, the variants interleaved (A B A B ...) so drift hits all alike; peak memory
 (``torch.cuda.max_memory_allocated``) of each. Then, on a small input in float32 (the same weights,
-converted exactly), whether the logits and every gradient are bit-equal with and without the patch.
+converted exactly), whether the logits and every gradient are bit-equal with and without the patch;
+and in bf16 with ``tables="rb"``, whether every layer's rotated q/k equal ``rb.apply_cached`` with
+``rb.rope_config(config).cos_sin_cache()`` on the same tokens (the trainer/server claim).
 
 Writes ``integration-llama.json`` to ``--out``; prints a Markdown table. ``--tiny`` runs a two-layer
 model on the CPU in seconds (what the test does). Needs transformers (5.x), not diffusers.
@@ -154,6 +156,7 @@ def run(device: torch.device, tiny: bool, repeats: int) -> dict:
             generate_peak_gib=max(t["generate_peak"]) if t["generate_peak"][0] is not None else None,
             same_tokens_as_hf=bool(torch.equal(generated[variant], generated["hf"]))))
     del opt
+    serving = _serving_check(model, config, work, device) if "rb-tables" in variants else None
     fp32 = _fp32_check(model, config, work, device)
     return dict(
         study="integration_llama", tiny=tiny, device=str(device),
@@ -161,7 +164,37 @@ def run(device: torch.device, tiny: bool, repeats: int) -> dict:
         torch=torch.__version__, transformers=transformers.__version__,
         triton=_version("triton"), rope_backends=rb.__version__, backend=_backend_for(device),
         config={k: v for k, v in (TINY if tiny else CONFIG).items()}, work=work, repeats=repeats,
-        rows=rows, fp32=fp32)
+        rows=rows, fp32=fp32, tables_rb_vs_apply_cached=serving)
+
+
+def _serving_check(model, config, work, device) -> dict:
+    """bf16, ``patch(model, tables="rb")``: every layer's rotated q/k vs ``rb.apply_cached`` of the
+    same pre-rotation q/k with ``rb.rope_config(config).cos_sin_cache()``, as a flat token stream."""
+    model.eval()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, config.vocab_size, (work["check_batch"], work["check_seq"]), generator=g).to(device)
+    recorded, real = [], rb.apply_qk
+
+    def apply_qk(q, k, cos, sin, **kw):
+        out = real(q, k, cos, sin, **kw)
+        recorded.append((q.clone(), k.clone(), out))
+        return out
+
+    with patch(model, tables="rb"), torch.no_grad():
+        rb.apply_qk = apply_qk
+        try:
+            model(input_ids=ids)
+        finally:
+            rb.apply_qk = real
+    cache = rb.rope_config(config).cos_sin_cache(device=device)
+    b, s = ids.shape
+    positions = torch.arange(s, device=device).repeat(b)
+    same = []
+    for q, k, (q_out, k_out) in recorded:  # q [B, H, S, D]
+        flat = [t.transpose(1, 2).reshape(b * s, -1).clone() for t in (q, k)]
+        rb.apply_cached(flat[0], flat[1], positions, cache, head_dim=q.shape[-1])
+        same.append(all(torch.equal(a, o.transpose(1, 2).reshape(b * s, -1)) for a, o in zip(flat, (q_out, k_out))))
+    return dict(layers=len(recorded), tokens=b * s, bit_equal=bool(same) and all(same))
 
 
 def _fp32_check(model, config, work, device) -> dict:
@@ -222,6 +255,10 @@ def markdown(doc: dict) -> str:
     f = doc["fp32"]
     lines += ["", f"float32, {f['tokens']} tokens: logits bit-equal with and without the patch: {f['logits_bit_equal']}; "
                   f"every gradient bit-equal: {f['grads_bit_equal']}"]
+    t = doc.get("tables_rb_vs_apply_cached")
+    if t:
+        lines.append(f"bf16, tables='rb', {t['tokens']} tokens: the rotated q/k of all {t['layers']} layers bit-equal to "
+                     f"rb.apply_cached with rb.rope_config(config).cos_sin_cache(): {t['bit_equal']}")
     return "\n".join(lines)
 
 
@@ -242,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "integration-llama.json").write_text(json.dumps(doc, indent=1))
     ok = doc["fp32"]["logits_bit_equal"] and doc["fp32"]["grads_bit_equal"]
+    ok = ok and (doc["tables_rb_vs_apply_cached"] is None or doc["tables_rb_vs_apply_cached"]["bit_equal"])
     return 0 if ok else 1
 
 
