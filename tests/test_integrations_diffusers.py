@@ -37,6 +37,8 @@ from rope_backends.registry import Backend  # noqa: E402
 from rope_backends.testing import assert_bitwise_equal  # noqa: E402
 from diffusers.models.embeddings import get_3d_rotary_pos_embed  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast")  # Mochi's own autocast(float32) on CPU
+
 
 def _r(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
@@ -210,7 +212,6 @@ def _fp32_step_on(case: str, backend: str) -> None:
     _assert_same_step(got, want)
 
 
-@pytest.mark.filterwarnings("ignore:In CPU autocast")
 @pytest.mark.parametrize("case", sorted(MODELS))
 def test_fp32_bit_equal_on_the_npu_backend(case):
     _fp32_step_on(case, "npu")
@@ -271,7 +272,6 @@ def _errors(got, exact):
     return diff.max().item(), diff.mean().item()
 
 
-@pytest.mark.filterwarnings("ignore:In CPU autocast")  # Mochi's own autocast(float32) on CPU
 @pytest.mark.parametrize("loading", ["as_loaded", "all_bf16"])
 @pytest.mark.parametrize("case", sorted(MODELS))
 def test_bf16_rotations_equal_or_closer_to_float64(case, loading, monkeypatch):
