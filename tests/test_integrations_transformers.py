@@ -28,7 +28,6 @@ import inspect
 import os
 import subprocess
 import sys
-import types
 from collections import Counter
 
 import pytest
