@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The work of one GPU session in one command, stage by stage, each time-boxed; logs to OUT_DIR.
 #   smoke   a few calls of every kind against the reference (stops the rest when it fails)
-#   cuda    tests/test_cuda.py (triton vs eager on CUDA tensors, graphs, no sync)
+#   cuda    tests/test_cuda.py (triton vs eager on CUDA tensors, graphs, no sync); CUDA_TESTS adds files
 #   tune    python -m rope_backends tune (the tile table goes to the user cache and OUT_DIR)
 #   study   bench/studies/triton_kernel.py (casts, launch paths)
 #   bench   python -m bench --device cuda (all groups but rope_index; BENCH_ARGS adds options)
@@ -60,7 +60,8 @@ raise SystemExit(1 if bad else 0)
 EOF
 fi
 if [[ $stages == *,cuda,* ]]; then
-  run cuda 300 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rf --tb=short
+  # shellcheck disable=SC2086
+  run cuda 400 "$py" -m pytest -q -p no:cacheprovider --device cuda ${CUDA_TESTS:-tests/test_cuda.py} -rf --tb=short
 fi
 if [[ $stages == *,tune,* ]]; then
   TAIL=40 run tune 420 "$py" -m rope_backends tune --jobs "${TUNE_JOBS:-12}" ${TUNE_ARGS:-}

@@ -1,17 +1,25 @@
 """The public calls: validate -> pick the backend for the tensors' device -> run it.
 
 Imports no backend. Eager calls that need no gradient go straight to the backend's ``forward``
-through a cached selection (a dict lookup); eager calls that need one go through a plain
-``autograd.Function`` around the backend (ops.py; it also serves ``torch.func.grad``); calls
-under ``torch.compile``, a TorchDispatchMode (make_fx, FakeTensorMode, ...) or a jit trace go
-through the custom ops in ops.py, which those see as one op and which carry the backward.
+through a cached selection (a dict lookup); eager calls that need one, and every call under a
+functorch transform (``torch.func.vmap``/``grad``/``jvp``/``jacrev``/``jacfwd``) or a forward-AD
+level (``torch.autograd.forward_ad``), go through a plain ``autograd.Function`` around the backend
+(ops.py: backward, ``jvp`` and ``vmap`` rules; in place, the out-of-place result is then copied
+into the targets, so tangents and batches follow the copy); calls under ``torch.compile``, a
+TorchDispatchMode (make_fx, FakeTensorMode, ...) or a jit trace go through the custom ops in
+ops.py, which those see as one op and which carry the backward.
 
 The repeated call: a call's *signature* (every type, shape, stride, dtype, device, grad flag and
 option that validation reads) together with the override state keys a runner that the selected
 backend prepared for that signature (``Backend.prepare``). A call whose signature was validated
 before runs that runner directly: no re-validation, no selection, no planning. That is what keeps
-the host time of ``rb.apply`` near that of launching the kernel by hand. The cache is dropped
-whenever the registry changes (``registry._GENERATION``, bumped by ``registry.invalidate``).
+the host time of ``rb.apply`` near that of launching the kernel by hand. Addresses are not in a
+signature, so each runner comes with a memory guard (spec.memory_guard): a few address
+comparisons that hold while the tensors that must not overlap keep disjoint byte ranges or the
+distance validated for them; otherwise the call takes the full checks. Each runner is kept with
+the registry generation read *before* its backend was selected and run, and is used only while
+that generation is current: a registry change (``registry.invalidate``), even one made from
+inside a backend's forward or by another thread during the call, retires it.
 """
 
 from __future__ import annotations
@@ -22,13 +30,14 @@ import torch
 from torch import Tensor
 
 from . import ops, override, reference, registry
-from .spec import (Layout, MRope, RopeArgs, args_for_cached, args_for_tables, check_position_range,
-                   dispatch_modes, jit_trace_state, position_range_checked, traced)
+from .spec import (Layout, MRope, RopeArgs, args_for_cached, args_for_tables, check_partial_rotary,
+                   check_position_range,
+                   dispatch_modes, jit_trace_state, memory_guard, position_range_checked, traced)
 
 __all__ = ["apply", "apply_qk", "apply_cached"]
 
-_RUNNERS: dict[tuple, Callable] = {}
-_RUNNERS_GENERATION = [-1]
+# signature -> (registry generation, runner, memory guard or None)
+_RUNNERS: dict[tuple, tuple[int, Callable, Callable | None]] = {}
 _MAX_RUNNERS = 4096  # serving changes T every step: bound the memory, rebuild after a clear
 _GENERATION = registry._GENERATION  # the registry's counter (a one-element list, updated in place)
 _is_compiling = torch.compiler.is_compiling
@@ -43,18 +52,35 @@ _traced = traced  # a mode or trace watching: it must see the call as one op (th
 
 
 # What a repeated call checks before taking a prepared runner (inline, it runs on every call): no
-# torch.func transform (wrapped tensors), no dispatch mode and no jit trace watching (_traced)
-_transform = ops._peek_interpreter_stack or (lambda: None)
+# torch.func transform (wrapped tensors), no forward-AD level (dual tensors), no dispatch mode
+# and no jit trace watching (_traced)
+_transform = ops._peek_interpreter_stack
+_forward_ad = torch.autograd.forward_ad  # _current_level: -1 outside every dual_level()
 _modes = dispatch_modes
 _jit_trace = jit_trace_state
 
 
 def _may_take_runner(inplace: object, compiling: bool) -> bool:
     """Whether a call may look up a prepared runner: a plain bool ``inplace`` (validation rejects
-    the rest), outside torch.compile, with no functorch transform, dispatch mode or jit trace
-    watching (those must see the call as one op)."""
-    return ((inplace is True or inplace is False) and not compiling
+    the rest), outside torch.compile, with no functorch transform, forward-AD level, dispatch
+    mode or jit trace watching (those must see the call as one op, or need its derivative)."""
+    return ((inplace is True or inplace is False) and not compiling and _forward_ad._current_level < 0
             and _transform() is None and not _modes() and _jit_trace() is None)
+
+
+def _transforming() -> bool:
+    """A functorch transform or a forward-AD level is active: the call goes through the autograd
+    Function (ops._EagerRotation), whose rules hand the backend plain tensors."""
+    return _transform() is not None or _forward_ad._current_level >= 0
+
+
+def _check_backend(backend: object, compiling: bool) -> None:
+    """The ``backend=`` argument as a string (override.check_argument); under torch.compile, where
+    the op resolves it when it runs, at least the empty string that would mean "automatic"."""
+    if not compiling:
+        override.check_argument(backend)
+    elif backend == "":
+        override.check_argument(backend)
 
 
 def _cacheable(tensors: tuple, layout: object, rotary_dim: object, backend: object,
@@ -95,11 +121,11 @@ def _negated(a: object, b: object = None, c: object = None, d: object = None) ->
 
 
 def _runner(key: tuple | None) -> Callable | None:
-    """The runner kept for ``key``, unless the registry changed since (then none, until the next
-    full call clears the cache and keeps a fresh one)."""
-    if key is None or _RUNNERS_GENERATION[0] != _GENERATION[0]:
+    """The runner kept for ``key``, unless the registry changed since it was prepared."""
+    entry = _RUNNERS.get(key) if key is not None else None
+    if entry is None or entry[0] != _GENERATION[0]:
         return None
-    return _RUNNERS.get(key)
+    return entry[1]
 
 
 def _range_checked(run: Callable) -> Callable:
@@ -110,28 +136,74 @@ def _range_checked(run: Callable) -> Callable:
     return checked
 
 
-def _remember(key: tuple | None, backend: registry.Backend, args: RopeArgs, check_positions: bool = False) -> None:
-    """Keep the backend's prepared runner for this signature (when it offers one)."""
-    if key is None or backend.prepare is None:
+def _tables_checked(run: Callable, args: RopeArgs) -> Callable:
+    """A table-call runner that repeats the partial-rotary value check first, where validation
+    made it (``args.value_checks``: CPU tables, or ROPE_BACKENDS_DEBUG=1)."""
+    if not args.value_checks:
+        return run
+    layout, head_dim = args.layout, args.tensors[0].shape[-1]
+
+    def checked(tensors, cos, sin):
+        check_partial_rotary(cos, sin, layout, head_dim)
+        return run(tensors, cos, sin)
+    return checked
+
+
+def _keep(key: tuple | None, run: Callable | None, generation: int, guard: Callable | None = None) -> None:
+    """Keep ``run`` under ``key`` with the generation read before it was prepared: an entry of an
+    older generation is never used (_runner / the inline lookups compare it)."""
+    if key is None or run is None or generation != _GENERATION[0]:
         return
-    generation = _GENERATION[0]
-    run = backend.prepare(args)
-    if run is not None and check_positions:
-        run = _range_checked(run)
-    _keep(key, run, generation)
+    if len(_RUNNERS) >= _MAX_RUNNERS:
+        _RUNNERS.clear()
+    _RUNNERS[key] = (generation, run, guard)
 
 
-def _keep(key: tuple | None, run: Callable | None, generation: int) -> None:
-    if key is not None and run is not None and generation == _GENERATION[0]:  # no registry change meanwhile
-        if _RUNNERS_GENERATION[0] != generation:
-            _RUNNERS.clear()
-            _RUNNERS_GENERATION[0] = generation
-        if len(_RUNNERS) >= _MAX_RUNNERS:
-            _RUNNERS.clear()
-        _RUNNERS[key] = run
+# The last few signatures of each public call, checked in C++: torch's TensorGuards (what dynamo
+# guards compiled graphs with) compares every tensor's type, dispatch keys (so torch's negative bit
+# too), dtype, device, sizes, strides and grad flag in one call, ~4x cheaper than building the
+# signature tuple and hashing it. A hit runs the same kept runner as the signature lookup (same
+# generation rule, same memory guard); a miss takes the signature path, which stays the reference.
+try:
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except Exception:  # a torch without it: the signature path alone
+    _TensorGuards = None
+_RECENT_SIZE = 4
+_RECENT_APPLY: list = []
+_RECENT_QK: list = []
+_RECENT_CACHED: list = []
 
 
-def _eager_autograd(key: tuple | None, args: RopeArgs, backend: str | None) -> Callable | None:
+def _remember_recent(recent: list, key: tuple | None, opts: tuple, tensors: tuple) -> None:
+    """Put the runner just kept under ``key`` at the front of ``recent`` with a guard of these
+    tensors' metadata and the call's other options."""
+    if key is None or _TensorGuards is None:
+        return
+    entry = _RUNNERS.get(key)
+    if entry is None:
+        return
+    try:
+        guards = _TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
+                               dynamic_dims_strides=[list(t.stride()) for t in tensors])
+    except Exception:  # this torch's TensorGuards takes other arguments: the signature path alone
+        return
+    recent.insert(0, (opts, guards, entry))
+    del recent[_RECENT_SIZE:]
+
+
+def _apply_opts(layout, rotary_dim, inplace, backend) -> tuple:
+    """Everything but the tensors that a table call's runner depends on (as the signature has it)."""
+    return (layout, rotary_dim.__class__, rotary_dim, inplace, backend, _grad_enabled(), _override_context.get(),
+            _env_raw(), _debug_raw())
+
+
+def _cached_opts(layout, rotary_dim, mrope, inplace, head_dim, backend, no_k) -> tuple:
+    return (layout, rotary_dim.__class__, rotary_dim, mrope, inplace, head_dim.__class__, head_dim, backend,
+            _grad_enabled(), _override_context.get(), _env_raw(), _debug_raw(), no_k)
+
+
+def _eager_autograd(key: tuple | None, args: RopeArgs, backend: str | None,
+                    rotated: tuple, read: tuple) -> Callable | None:
     """The runner for an out-of-place table call that needs a gradient, in eager mode: a plain
     ``autograd.Function`` around the backend (ops.eager_autograd_runner), kept under ``key`` like
     any runner. None (the custom op then) for tensor subclasses other than Parameter (FakeTensor,
@@ -140,19 +212,43 @@ def _eager_autograd(key: tuple | None, args: RopeArgs, backend: str | None) -> C
         return None
     generation = _GENERATION[0]
     run = ops.eager_autograd_runner(ops.resolve(args, backend), args)
-    _keep(key, run, generation)
+    if key is not None:
+        _keep(key, _tables_checked(run, args), generation, memory_guard(rotated, read, False))
     return run
 
 
 _AUTOGRAD_TYPES = (Tensor, torch.nn.Parameter)
 
 
-def _run_and_remember(key: tuple | None, args: RopeArgs, backend: str | None,
+def _run_and_remember(key: tuple | None, args: RopeArgs, backend: str | None, rotated: tuple, read: tuple,
                       check_positions: bool = False) -> tuple[Tensor, ...]:
+    """Run the call on its backend, then keep the backend's prepared runner for the signature. The
+    generation is read first: if the registry changes while the backend runs (the backend itself,
+    or another thread, registering or removing one), nothing is kept for the new generation."""
+    generation = _GENERATION[0]
     chosen = ops.resolve(args, backend)
     outs = chosen.forward(args)
-    _remember(key, chosen, args, check_positions)
+    if key is not None and chosen.prepare is not None and generation == _GENERATION[0]:
+        run = chosen.prepare(args)
+        if run is not None:
+            if check_positions:
+                run = _range_checked(run)
+            _keep(key, _tables_checked(run, args), generation, memory_guard(rotated, read, args.inplace))
     return outs
+
+
+def _transformed(args: RopeArgs, backend: str | None, tables: str = "cos") -> tuple[Tensor, ...]:
+    """A table call under a functorch transform or a forward-AD level: out of place through
+    ops._EagerRotation (its jvp and vmap rules), then, in place, copied into the targets (a
+    tensor op, so the tangent and the batch follow the copy). Validation has run: nothing is
+    written before every result exists."""
+    rotation = ops.Rotation(ops.resolve(args, backend), args.layout, args.rotary_dim, args.conjugate, tables)
+    outs = ops.rotate(rotation, args.cos, args.sin, args.tensors)
+    if not args.inplace:
+        return outs
+    for t, out in zip(args.tensors, outs):
+        t.copy_(out)
+    return args.tensors
 
 
 def _through_ops(args: RopeArgs) -> bool:
@@ -185,13 +281,30 @@ def apply(
         (one value per pair) or ``rotary_dim`` (duplicated HF/diffusers form). Any float dtype.
         For ``[B, S, H, D]`` give ``[S, 1, r/2]`` (or ``[B, S, 1, r/2]``) so they skip the heads.
     layout: ``"neox"`` (rotate_half) or ``"interleaved"`` (GPT-J / complex form).
-    rotary_dim: rotated width (even, <= head_dim; default head_dim); the rest is copied.
-    inplace: write into ``x`` and return it.
-    backend: run on this backend (overrides ``use_backend`` and ``ROPE_BACKEND``).
+    rotary_dim: rotated width (even, <= head_dim; default head_dim); the rest is copied. Pass it
+        whenever the rotated width is not head_dim: without it cos/sin of width ``head_dim // 2``
+        are the half form of a full rotation, and on CPU (or with ``ROPE_BACKENDS_DEBUG=1``) a
+        table that is the duplicated form of ``rotary_dim = head_dim // 2`` instead (equal halves,
+        some sin != 0) is refused (docs/errors.md, "Partial rotary").
+    inplace: write into ``x`` and return it; ``x`` must not overlap itself or cos/sin.
+    backend: run on this backend (overrides ``use_backend`` and ``ROPE_BACKEND``); the same strings
+        as those: a name, or ``device:name`` pairs.
 
-    Returns a tensor of ``x``'s shape and dtype. Differentiable w.r.t. ``x``.
+    Returns a tensor of ``x``'s shape and dtype. Differentiable w.r.t. ``x`` (backward, forward-mode
+    AD) and usable under ``torch.func`` transforms (vmap, grad, jvp, jacrev, jacfwd).
     """
     compiling = _is_compiling()  # dynamo folds it; is_neg() cannot be traced
+    if _RECENT_APPLY and _may_take_runner(inplace, compiling):
+        opts = _apply_opts(layout, rotary_dim, inplace, backend)
+        try:
+            for e_opts, guards, entry in _RECENT_APPLY:
+                if e_opts == opts and entry[0] == _GENERATION[0] and guards.check(x, cos, sin):
+                    if entry[2] is None or entry[2](x, cos, sin):
+                        out = entry[1]((x,), cos, sin)[0]
+                        return x if inplace else out
+                    break
+        except (TypeError, AttributeError, RuntimeError):  # not tensors: the full checks say why
+            pass
     if not compiling and _negated(x, cos, sin):
         x, cos, sin = _without_negative_bit((("x", x), ("cos", cos), ("sin", sin)), 1, inplace)
     key = None
@@ -202,21 +315,26 @@ def apply(
                    cos.__class__, cos.shape, cos.stride(), cos.dtype, cos.device, cos.requires_grad,
                    sin.__class__, sin.shape, sin.stride(), sin.dtype, sin.device, sin.requires_grad,
                    layout, rotary_dim.__class__, rotary_dim, inplace, backend,
-                   _grad_enabled(), _override_context.get(), _env_raw())
-            run = _runner(key)
+                   _grad_enabled(), _override_context.get(), _env_raw(), _debug_raw())
+            entry = _RUNNERS.get(key)
         # not tensors, unhashable options, sparse/nested tensors (no strides): the full checks say why
         except (AttributeError, TypeError, RuntimeError):
-            key = run = None
-        if run is not None:
-            out = run((x,), cos, sin)[0]
+            key = entry = None
+        # the runner of this generation, if the call's addresses keep the validated memory rules
+        if entry is not None and entry[0] == _GENERATION[0] and (entry[2] is None or entry[2](x, cos, sin)):
+            out = entry[1]((x,), cos, sin)[0]
             return x if inplace else out
     if key is not None and not _cacheable((x, cos, sin), layout, rotary_dim, backend):
         key = None  # tensor subclasses, odd option types: always the full path
+    _check_backend(backend, compiling)
     named = (("x", x),)
     args = args_for_tables(named, cos, sin, layout, rotary_dim, inplace)
+    if not compiling and _transforming():
+        return _transformed(args, backend)[0]
     if _through_ops(args):
-        run = None if compiling or _traced() else _eager_autograd(key, args, backend)
+        run = None if compiling or _traced() else _eager_autograd(key, args, backend, (x,), (cos, sin))
         if run is not None:
+            _remember_recent(_RECENT_APPLY, key, _apply_opts(layout, rotary_dim, inplace, backend), (x, cos, sin))
             return run((x,), cos, sin)[0]
         name = _op_backend(args, backend)
         fixed = (args.cos, args.sin, args.layout.value, args.rotary_dim, False, name)
@@ -224,7 +342,9 @@ def apply(
             torch.ops.rope_backends.rope_(x, *fixed)
             return x
         return torch.ops.rope_backends.rope(x, *fixed)
-    return _run_and_remember(key, args, backend)[0]
+    out = _run_and_remember(key, args, backend, (x,), (cos, sin))[0]
+    _remember_recent(_RECENT_APPLY, key, _apply_opts(layout, rotary_dim, inplace, backend), (x, cos, sin))
+    return out
 
 
 def apply_qk(
@@ -240,8 +360,20 @@ def apply_qk(
 ) -> tuple[Tensor, Tensor]:
     """Rotate q ``[..., Hq, D]`` and k ``[..., Hk, D]`` with the same cos/sin in one call
     (one kernel launch on GPU). Hq and Hk may differ (GQA/MQA). Same options as :func:`apply`;
-    cos/sin must broadcast against both. Differentiable w.r.t. q and k."""
+    cos/sin must broadcast against both. q and k share no element (views of disjoint columns of
+    one fused buffer are fine). Differentiable w.r.t. q and k, like :func:`apply`."""
     compiling = _is_compiling()  # dynamo folds it; is_neg() cannot be traced
+    if _RECENT_QK and _may_take_runner(inplace, compiling):
+        opts = _apply_opts(layout, rotary_dim, inplace, backend)
+        try:
+            for e_opts, guards, entry in _RECENT_QK:
+                if e_opts == opts and entry[0] == _GENERATION[0] and guards.check(q, k, cos, sin):
+                    if entry[2](q, k, cos, sin) if inplace else entry[2](q, k):
+                        q_out, k_out = entry[1]((q, k), cos, sin)
+                        return (q, k) if inplace else (q_out, k_out)
+                    break
+        except (TypeError, AttributeError, RuntimeError):
+            pass
     if not compiling and _negated(q, k, cos, sin):
         q, k, cos, sin = _without_negative_bit((("q", q), ("k", k), ("cos", cos), ("sin", sin)), 2, inplace)
     key = None
@@ -252,20 +384,26 @@ def apply_qk(
                    cos.__class__, cos.shape, cos.stride(), cos.dtype, cos.device, cos.requires_grad,
                    sin.__class__, sin.shape, sin.stride(), sin.dtype, sin.device, sin.requires_grad,
                    layout, rotary_dim.__class__, rotary_dim, inplace, backend,
-                   _grad_enabled(), _override_context.get(), _env_raw())
-            run = _runner(key)
+                   _grad_enabled(), _override_context.get(), _env_raw(), _debug_raw())
+            entry = _RUNNERS.get(key)
         except (AttributeError, TypeError, RuntimeError):
-            key = run = None
-        if run is not None and (not q.numel() or q.data_ptr() != k.data_ptr()):  # addresses: not in a signature
-            q_out, k_out = run((q, k), cos, sin)
+            key = entry = None
+        if entry is not None and entry[0] == _GENERATION[0] and (
+                entry[2](q, k, cos, sin) if inplace else entry[2](q, k)):  # addresses: not in a signature
+            q_out, k_out = entry[1]((q, k), cos, sin)
             return (q, k) if inplace else (q_out, k_out)
     if key is not None and not _cacheable((q, k, cos, sin), layout, rotary_dim, backend):
         key = None
+    _check_backend(backend, compiling)
     named = (("q", q), ("k", k))
     args = args_for_tables(named, cos, sin, layout, rotary_dim, inplace)
+    if not compiling and _transforming():
+        q_out, k_out = _transformed(args, backend)
+        return q_out, k_out
     if _through_ops(args):
-        run = None if compiling or _traced() else _eager_autograd(key, args, backend)
+        run = None if compiling or _traced() else _eager_autograd(key, args, backend, (q, k), (cos, sin))
         if run is not None:
+            _remember_recent(_RECENT_QK, key, _apply_opts(layout, rotary_dim, inplace, backend), (q, k, cos, sin))
             q_out, k_out = run((q, k), cos, sin)
             return q_out, k_out
         name = _op_backend(args, backend)
@@ -275,7 +413,8 @@ def apply_qk(
             return q, k
         q_out, k_out = torch.ops.rope_backends.rope_qk(q, k, *fixed)
         return q_out, k_out
-    q_out, k_out = _run_and_remember(key, args, backend)
+    q_out, k_out = _run_and_remember(key, args, backend, (q, k), (cos, sin))
+    _remember_recent(_RECENT_QK, key, _apply_opts(layout, rotary_dim, inplace, backend), (q, k, cos, sin))
     return q_out, k_out
 
 
@@ -303,11 +442,36 @@ def apply_cached(
         Qwen3-VL interleaved, Ernie4.5-VL); 1-row positions with mrope mean text-only input.
     inplace: write into q and k (default, as serving engines do) and return them.
 
-    Positions are range-checked on CPU tensors always and on GPU only with
-    ``ROPE_BACKENDS_DEBUG=1`` (the check costs a sync); otherwise an out-of-range position gives
-    NaN in that token's rotated part and reads nothing out of bounds.
+    Positions are range-checked on CPU tensors always (under torch.compile and tracing when the
+    op runs) and on GPU only with ``ROPE_BACKENDS_DEBUG=1`` (the check costs a sync); otherwise an
+    out-of-range position gives NaN in that token's rotated part and reads nothing out of bounds.
+    q and k share no element; in place, neither shares memory with positions or the cache. A
+    cache that requires grad is refused with grad enabled (gradients flow to q and k only).
     """
     compiling = _is_compiling()  # dynamo folds it; is_neg() cannot be traced
+    if _RECENT_CACHED and _may_take_runner(inplace, compiling):
+        opts = _cached_opts(layout, rotary_dim, mrope, inplace, head_dim, backend, k is None)
+        try:
+            for e_opts, guards, entry in _RECENT_CACHED:
+                if e_opts != opts or entry[0] != _GENERATION[0]:
+                    continue
+                guard = entry[2]
+                if k is None:
+                    if not guards.check(q, positions, cos_sin_cache):
+                        continue
+                    fits = guard is None or guard(q, positions, cos_sin_cache)
+                else:
+                    if not guards.check(q, k, positions, cos_sin_cache):
+                        continue
+                    fits = guard(q, k, positions, cos_sin_cache) if inplace else guard(q, k)
+                if fits:
+                    outs = entry[1]((q,) if k is None else (q, k), positions, cos_sin_cache)
+                    if inplace:
+                        return q, k
+                    return outs[0], (outs[1] if k is not None else None)
+                break
+        except (TypeError, AttributeError, RuntimeError):
+            pass
     if not compiling and _negated(q, k, positions, cos_sin_cache):
         q, k, positions, cos_sin_cache = _without_negative_bit(
             (("q", q), ("k", k), ("positions", positions), ("cos_sin_cache", cos_sin_cache)), 2, inplace)
@@ -317,23 +481,42 @@ def apply_cached(
             key = ("apply_cached", q.__class__, q.shape, q.stride(), q.dtype, q.device, q.requires_grad,
                    positions.__class__, positions.shape, positions.stride(), positions.dtype, positions.device,
                    cos_sin_cache.__class__, cos_sin_cache.shape, cos_sin_cache.stride(), cos_sin_cache.dtype,
-                   cos_sin_cache.device, layout, rotary_dim.__class__, rotary_dim, mrope, inplace,
-                   head_dim.__class__, head_dim, backend,
+                   cos_sin_cache.device, cos_sin_cache.requires_grad, layout, rotary_dim.__class__, rotary_dim,
+                   mrope, inplace, head_dim.__class__, head_dim, backend,
                    _grad_enabled(), _override_context.get(), _env_raw(), _debug_raw())
             if k is not None:
                 key += (k.__class__, k.shape, k.stride(), k.dtype, k.device, k.requires_grad)
-            run = _runner(key)
+            entry = _RUNNERS.get(key)
         except (AttributeError, TypeError, RuntimeError):
-            key = run = None
-        if run is not None and (k is None or not q.numel() or q.data_ptr() != k.data_ptr()):
-            outs = run((q,) if k is None else (q, k), positions, cos_sin_cache)
-            if inplace:
-                return q, k
-            return outs[0], (outs[1] if k is not None else None)
+            key = entry = None
+        if entry is not None and entry[0] == _GENERATION[0]:
+            guard = entry[2]
+            if k is None:
+                fits = guard is None or guard(q, positions, cos_sin_cache)
+            else:
+                fits = guard(q, k, positions, cos_sin_cache) if inplace else guard(q, k)
+            if fits:
+                outs = entry[1]((q,) if k is None else (q, k), positions, cos_sin_cache)
+                if inplace:
+                    return q, k
+                return outs[0], (outs[1] if k is not None else None)
     if key is not None and not _cacheable((q, k, positions, cos_sin_cache), layout, rotary_dim, backend,
                                           head_dim, mrope):
         key = None
+    _check_backend(backend, compiling)
     args, originals = args_for_cached(q, k, positions, cos_sin_cache, layout, rotary_dim, mrope, inplace, head_dim)
+    transforming = not compiling and _transforming()
+    if transforming:
+        # gather cos/sin (the reference lookup: tensor ops, which every transform follows), then
+        # the table path's autograd Function
+        cos, sin = reference.cos_sin_from_cache(args.positions, args.cache, args.position_axis_map)
+        tables = RopeArgs(args.tensors, inplace, args.layout, args.rotary_dim,
+                          cos=cos.unsqueeze(-2), sin=sin.unsqueeze(-2))
+        outs = _transformed(tables, backend, "cos_sin_cache")
+        if inplace:
+            return originals[0], (originals[1] if k is not None else None)
+        q_out = outs[0].reshape(originals[0].shape)
+        return q_out, (outs[1].reshape(originals[1].shape) if k is not None else None)
     if not inplace and torch.is_grad_enabled() and any(t.requires_grad for t in args.tensors):
         # training through a cache: gather cos/sin (the reference lookup), then the autograd op
         cos, sin = reference.cos_sin_from_cache(args.positions, args.cache, args.position_axis_map)
@@ -356,7 +539,12 @@ def apply_cached(
         # a runner is handed the caller's tensors: out of place, those must be args' own views
         # (not a 2-D [T, H*D] reshaped)
         remember = inplace or all(a is b for a, b in zip(originals, args.tensors))
-        outs = _run_and_remember(key if remember else None, args, backend, position_range_checked(args.positions))
+        outs = _run_and_remember(key if remember else None, args, backend, tuple(originals),
+                                 (args.positions, args.cache), position_range_checked(args.positions))
+        if remember:
+            _remember_recent(_RECENT_CACHED, key, _cached_opts(layout, rotary_dim, mrope, inplace, head_dim, backend,
+                                                               k is None),
+                             (q, positions, cos_sin_cache) if k is None else (q, k, positions, cos_sin_cache))
     if inplace:
         return originals[0], (originals[1] if k is not None else None)
     q_out = outs[0].view(originals[0].shape)

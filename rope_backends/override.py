@@ -1,8 +1,16 @@
 """Backend overrides, strongest first: the ``backend=`` argument, ``use_backend(...)`` (a
 ContextVar, so each thread and asyncio task has its own), the ``ROPE_BACKEND`` environment
-variable. Each override is either one name (every device) or ``device:name`` pairs
+variable. All three take the same strings: one name (every device) or ``device:name`` pairs
 (``"cuda:eager,npu:npu"``). A device not named falls through to the next level, then to
 automatic selection.
+
+A string that cannot be what its writer meant is a ``ValueError`` naming where it came from
+(``backend``, ``use_backend``, ``ROPE_BACKEND``): a string that names nothing (``""``, ``" , "``),
+a pair without a device or a name (``"cuda:"``), a device type that no
+registered backend declares and that is not one of cpu/cuda/npu (``gpu:triton``, ``CPU:npu``), a
+device type named twice (``cpu:eager,cpu:npu``). An unset or empty ``ROPE_BACKEND`` means no
+override. Whether the named backend exists and serves the device is checked at selection
+(registry.py), where the candidates are listed.
 """
 
 from __future__ import annotations
@@ -13,7 +21,9 @@ import functools
 import os
 from typing import Iterator, Mapping
 
-__all__ = ["use_backend", "requested", "parse", "raw_env"]
+from . import registry
+
+__all__ = ["use_backend", "requested", "parse", "raw_env", "known_device_types", "check_argument"]
 
 ENV = "ROPE_BACKEND"
 _ALL = "*"
@@ -21,26 +31,79 @@ _context: contextvars.ContextVar["_Overrides | None"] = contextvars.ContextVar("
 _env_cache: tuple[object, Mapping[str, str] | None] = (None, None)  # (stored value, parsed)
 
 
+BASE_DEVICE_TYPES = ("cpu", "cuda", "npu")
+
+
+def known_device_types() -> tuple[str, ...]:
+    """Device types an override may name: cpu, cuda, npu and every type a registered backend
+    declares in ``device_types``."""
+    declared = {d for b in registry._REGISTRY.values() for d in b.device_types if d != registry.ANY_DEVICE}
+    return tuple(sorted(declared | set(BASE_DEVICE_TYPES)))
+
+
 def parse(spec: str | Mapping[str, str], source: str = "backend") -> Mapping[str, str]:
-    """``"triton"`` -> ``{"*": "triton"}``; ``"cuda:eager,npu:npu"`` -> per device type."""
+    """``"triton"`` -> ``{"*": "triton"}``; ``"cuda:eager,npu:npu"`` -> per device type.
+    ValueError (naming ``source``) for a string naming nothing, a pair missing a side, an unknown or
+    repeated device type. Empty entries (a trailing comma) are skipped."""
     if isinstance(spec, Mapping):
         items = list(spec.items())
+        for device, name in items:
+            if not isinstance(device, str) or not isinstance(name, str) or not device or not name:
+                raise ValueError(f"{source}: expected a mapping of device type to backend name, got {dict(spec)!r}")
     elif isinstance(spec, str):
         items = []
         for part in spec.split(","):
             part = part.strip()
             if not part:
-                continue
+                continue  # "cuda:triton," -- a trailing comma names nothing
             device, sep, name = part.partition(":")
-            items.append((device.strip(), name.strip()) if sep else (_ALL, device))
+            device, name = device.strip(), name.strip()
+            if sep and (not device or not name):
+                raise ValueError(f"{source}: expected 'name' or 'device:name' pairs, got the entry {part!r} in {spec!r}")
+            items.append((device, name) if sep else (_ALL, device))
         if not items:
-            raise ValueError(f"{source}: expected a backend name or 'device:name,...' pairs, got {spec!r}")
+            raise ValueError(f"{source}: expected a backend name or 'device:name' pairs, got {spec!r}")
     else:
         raise TypeError(f"{source}: expected a str or a mapping of device type to name, got {type(spec).__name__}")
-    for device, name in items:
-        if not isinstance(device, str) or not isinstance(name, str) or not device or not name:
-            raise ValueError(f"{source}: expected 'name' or 'device:name' pairs, got {spec!r}")
+    known = known_device_types()
+    seen: set[str] = set()
+    for device, _ in items:
+        if device != _ALL and device not in known:
+            raise ValueError(f"{source}: expected device types among {', '.join(known)}, got {device!r} in {spec!r}")
+        if device in seen:
+            what = "one backend name for every device" if device == _ALL else f"device type {device!r}"
+            raise ValueError(f"{source}: expected each device type at most once, got {what} twice in {spec!r}")
+        seen.add(device)
     return dict(items)
+
+
+_ARGUMENTS: dict[str, Mapping[str, str]] = {}  # backend= strings with pairs, parsed (per registry generation)
+_ARGUMENTS_GENERATION = [-1]
+
+
+def check_argument(argument: object) -> None:
+    """TypeError/ValueError unless ``argument`` is None or a valid override string (the
+    ``backend=`` argument; the device types it names are checked)."""
+    if argument is None:
+        return
+    if not isinstance(argument, str):
+        raise TypeError(f"backend: expected a backend name (str) or None, got {type(argument).__name__}")
+    _argument(argument)
+
+
+def _argument(argument: str) -> Mapping[str, str]:
+    if _ARGUMENTS_GENERATION[0] != registry._GENERATION[0]:
+        _ARGUMENTS.clear()
+        _ARGUMENTS_GENERATION[0] = registry._GENERATION[0]
+    parsed = _ARGUMENTS.get(argument)
+    if parsed is None:
+        if ":" not in argument and "," not in argument and argument.strip() == argument and argument:
+            parsed = {_ALL: argument}
+        else:
+            parsed = parse(argument, "backend")
+        if len(_ARGUMENTS) < 256:
+            _ARGUMENTS[argument] = parsed
+    return parsed
 
 
 class _Overrides(dict):
@@ -83,9 +146,10 @@ _env_raw = raw_env(ENV)
 
 
 def _env() -> Mapping[str, str] | None:
-    """ROPE_BACKEND parsed, re-parsed only when its stored value changes."""
+    """ROPE_BACKEND parsed, re-parsed only when its stored value (or the registry: the device
+    types it may name) changes. Unset or empty: None."""
     global _env_cache
-    raw = _env_raw()
+    raw = (_env_raw(), registry._GENERATION[0])
     if raw != _env_cache[0]:
         text = os.environ.get(ENV)
         _env_cache = (raw, parse(text, ENV) if text else None)
@@ -97,7 +161,10 @@ def requested(device_type: str, argument: str | None) -> tuple[str | None, str]:
     if argument is not None:
         if not isinstance(argument, str):
             raise TypeError(f"backend: expected a backend name (str) or None, got {type(argument).__name__}")
-        return argument, "backend"
+        parsed = _argument(argument)
+        name = parsed.get(device_type) or parsed.get(_ALL)
+        if name is not None:
+            return name, "backend"
     ctx = _context.get()
     if ctx is not None:
         name = ctx.get(device_type) or ctx.get(_ALL)

@@ -5,6 +5,13 @@ filters by the tensors' device type, availability and ``supports``, sorts by pri
 the result per (device type, requested name, feature key), so dispatch is a dict lookup.
 An explicit request that cannot be honoured raises and lists every candidate with its reason:
 there is never a silent fallback.
+
+Run-time changes (:func:`register_backend`, :func:`unregister_backend`, :func:`invalidate`) bump
+``_GENERATION``. Every cache here and in dispatch.py reads the generation *before* the work it
+caches (probing, selecting, preparing, running) and keeps the result only under that generation,
+so a result computed while the registry changed -- in another thread, or from inside a
+backend's own forward -- is never used after the change. The caches are plain dicts without a
+lock: a selection stored just as the registry changes is taken out again by its writer.
 """
 
 from __future__ import annotations
@@ -215,8 +222,7 @@ def select(device_type: str, args: RopeArgs | None, requested: str | None = None
                 f"{source}: expected a backend that can run this call, got {requested!r}: {reason}; "
                 f"candidates for device type {device_type!r}:\n{_candidates_report(device_type, args)}"
             )
-        if _GENERATION[0] == generation:
-            _SELECTED[key] = b
+        _store(key, b, generation)
         return b
     chosen = None
     for b in sorted(_REGISTRY.values(), key=lambda b: (-b.priority, b.name)):
@@ -232,6 +238,16 @@ def select(device_type: str, args: RopeArgs | None, requested: str | None = None
             f"{source}: expected a backend that can run this call on device type {device_type!r}, got none; "
             f"candidates:\n{_candidates_report(device_type, args)}"
         )
-    if _GENERATION[0] == generation:
-        _SELECTED[key] = chosen
+    _store(key, chosen, generation)
     return chosen
+
+
+def _store(key: tuple, backend: Backend, generation: int) -> None:
+    """Cache a selection made under ``generation``. Stored first, then the generation read again:
+    if the registry changed meanwhile (another thread's invalidate() bumps the generation, then
+    clears), the entry is taken out here or by that clear, so none made before a change survives it."""
+    if _GENERATION[0] != generation:
+        return
+    _SELECTED[key] = backend
+    if _GENERATION[0] != generation:
+        _SELECTED.pop(key, None)

@@ -704,3 +704,143 @@ def test_tensor_subclasses_and_odd_option_types_never_take_a_runner(fakes):
     rb.apply(x, c, s, rotary_dim=16)
     with pytest.raises(TypeError, match="^rotary_dim"):
         rb.apply(x, c, s, rotary_dim=16.0)  # equal and same hash as 16, but not an int
+
+
+# ---- registry changes during a call (the generation is read before the call runs) -----------
+
+def _counting_backend(name, calls, tag, on_call=None, priority=10_000):
+    def forward(args):
+        calls[tag] += 1
+        if on_call is not None:
+            on_call(calls[tag])
+        return reference.run(args)
+
+    return Backend(name=name, device_types=("cpu",), priority=priority, forward=forward,
+                   prepare=registry.prepare_forward(forward))
+
+
+def _drop(name):
+    if name in registry._REGISTRY:
+        rb.unregister_backend(name)
+
+
+def test_backend_replaced_from_inside_its_own_forward(fakes):
+    """The old backend's runner, prepared while the registry changed under it, is never used: the
+    next calls of the signature run the replacement."""
+    calls = Counter()
+
+    def replace(n):
+        if n == 1:
+            rb.register_backend(_counting_backend("rb_self", calls, "new"), replace=True)
+
+    rb.register_backend(_counting_backend("rb_self", calls, "old", on_call=replace))
+    try:
+        x, c, s = _xcs()
+        for _ in range(3):
+            assert_bitwise_equal(rb.apply(x, c, s), reference.rotate(x, c, s, rb.Layout.NEOX, 16))
+        assert calls == Counter(old=1, new=2)
+    finally:
+        _drop("rb_self")
+
+
+def test_backend_unregistered_from_inside_its_own_forward(fakes):
+    calls = Counter()
+    rb.register_backend(_counting_backend("rb_gone", calls, "gone", on_call=lambda n: rb.unregister_backend("rb_gone")))
+    try:
+        x, c, s = _xcs()
+        for _ in range(3):
+            rb.apply(x, c, s)
+            rb.apply_cached(x.clone(), None, torch.arange(4), rb.cos_sin_cache(8, 16))
+        assert calls["gone"] == 1  # the first call only: it began while the backend was registered
+        assert "rb_gone" not in {b.name for b in rb.backends()}
+    finally:
+        _drop("rb_gone")
+
+
+def test_backend_replaced_by_another_thread_mid_call(fakes):
+    """Thread A is inside the backend's forward when the main thread replaces it: A's call ends on
+    the old backend, every later call runs the new one."""
+    calls = Counter()
+    inside, go = threading.Event(), threading.Event()
+
+    def wait_inside(n):
+        if n == 1:
+            inside.set()
+            assert go.wait(30)
+
+    rb.register_backend(_counting_backend("rb_raced", calls, "old", on_call=wait_inside))
+    errors = []
+    try:
+        x, c, s = _xcs()
+
+        def first_call():
+            try:
+                rb.apply(x, c, s)
+            except Exception as exc:  # reported below
+                errors.append(exc)
+
+        t = threading.Thread(target=first_call)
+        t.start()
+        assert inside.wait(30)
+        rb.register_backend(_counting_backend("rb_raced", calls, "new"), replace=True)
+        go.set()
+        t.join()
+        assert not errors
+        for _ in range(3):
+            rb.apply(x, c, s)
+        assert calls == Counter(old=1, new=3)
+    finally:
+        go.set()
+        _drop("rb_raced")
+
+
+def test_a_selection_stored_as_the_registry_changes_does_not_survive(fakes, monkeypatch):
+    """Another thread's invalidate() landing between the generation check and the store of a
+    selection (simulated: the store itself triggers it) must not leave the stale choice cached."""
+
+    class Racing(dict):
+        def __setitem__(self, key, value):
+            registry.invalidate()  # the other thread, just before this store lands
+            super().__setitem__(key, value)
+
+    monkeypatch.setattr(registry, "_SELECTED", Racing())
+    registry.select("cpu", None)
+    assert not registry._SELECTED
+
+
+# ---- override strings: typos are errors, never a silent fallback ---------------------------------
+
+def test_override_strings_name_known_device_types(fakes, monkeypatch):
+    for bad, why in (("gpu:triton", "device types among"), ("CPU:npu", "device types among"),
+                     ("cpu:eager,cpu:npu", "at most once"), ("eager,npu", "at most once"), ("", "got ''"),
+                     ("cuda:", "pairs")):
+        with pytest.raises(ValueError, match=f"^ROPE_BACKEND: expected .*{why}"):
+            override.parse(bad, "ROPE_BACKEND")
+    with pytest.raises(ValueError, match="^use_backend: expected device types among cpu, cuda, npu, got 'gpu'"):
+        with rb.use_backend({"gpu": "eager"}):
+            pass
+    assert "rb_fake_dev" not in override.known_device_types()
+    with pytest.raises(ValueError, match="rb_fake_dev"):
+        override.parse("rb_fake_dev:eager")
+    fakes.add("rb_on_fake_dev", device_types=("rb_fake_dev",))  # a backend declaring a device type makes it known
+    assert override.parse("rb_fake_dev:eager") == {"rb_fake_dev": "eager"}
+    assert override.parse("cuda:triton,") == {"cuda": "triton"}  # a trailing comma names nothing
+    monkeypatch.setenv("ROPE_BACKEND", "")  # set but empty: no override
+    x, c, s = _xcs()
+    rb.apply(x, c, s)
+
+
+def test_backend_argument_takes_the_same_strings(fakes, monkeypatch):
+    fakes.add("rb_a", priority=10)
+    fakes.add("rb_b", priority=5)
+    x, c, s = _xcs()
+    assert _which(fakes, lambda: rb.apply(x, c, s, backend="cpu:rb_b")) == "rb_b"
+    assert _which(fakes, lambda: rb.apply(x, c, s, backend="cuda:eager, cpu:rb_b")) == "rb_b"
+    # a device the argument does not name falls through to use_backend, ROPE_BACKEND, priority
+    assert _which(fakes, lambda: rb.apply(x, c, s, backend="cuda:eager")) == "rb_a"
+    with rb.use_backend("rb_b"):
+        assert _which(fakes, lambda: rb.apply(x, c, s, backend="npu:npu")) == "rb_b"
+    for bad in ("", "gpu:rb_a", "cpu:rb_a,cpu:rb_b"):
+        for _ in range(2):  # a bad string never reaches a prepared runner
+            with pytest.raises(ValueError, match="^backend: expected"):
+                rb.apply(x, c, s, backend=bad)

@@ -165,3 +165,18 @@ def test_negated_view_upstream_gradient_is_read_as_values(target):
                                  (torch._neg_view(-g), torch._neg_view(-gk)))
     for got, w in zip(got_qk, want_qk):
         assert_bitwise_equal(got, w, name="apply_qk grad through negated-view grad_outputs")
+
+
+def test_errors_doc_is_generated_from_the_cases():
+    """docs/errors.md is what rope_backends.testing.catalogue renders from error_cases(): the
+    refusal table (one row per rule) and the catalogue (one row per case, its message)."""
+    from pathlib import Path
+
+    from rope_backends.testing import catalogue
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+    text = catalogue.render()
+    assert doc.read_text(encoding="utf-8") == text, (
+        "docs/errors.md is stale: run `python -m rope_backends.testing.catalogue docs/errors.md`")
+    for case in error_cases():
+        assert f"`{case.name}`" in text and case.why in text.replace("\\|", "|"), case.name

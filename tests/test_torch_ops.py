@@ -295,3 +295,53 @@ def test_make_fx_and_fake_tensors_see_one_custom_op_per_call():
         fakes = [mode.from_tensor(t) for t in (x, k, c, s, pos, cache)]
         outs = f(*fakes)
     assert [tuple(o.shape) for o in outs] == [tuple(w.shape) for w in want]
+
+
+# --------------------------------------------------------------------------------------------
+# checks validation cannot make on fake tensors, made by the ops on the real ones
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_cpu_positions_are_range_checked_under_compile_and_tracing(inplace):
+    """CPU positions are range-checked always: under torch.compile and make_fx validation sees
+    fake tensors, so the custom op checks when it runs. Nothing is written by a refused call."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    cache = rb.cos_sin_cache(16, 16)
+
+    def f(q, pos, cache):
+        out, _ = rb.apply_cached(q, None, pos, cache, inplace=inplace)
+        return out * 1
+
+    good, bad = torch.tensor([0, 3, 15]), torch.tensor([0, 3, 16])
+    q = torch.randn(3, 2, 16)
+    want = f(q.clone(), good, cache)
+    runs = (("torch.compile", _compiled(f)), ("a graph make_fx traced on fakes", make_fx(f, tracing_mode="fake")(
+        q.clone(), good, cache)))
+    for name, run in runs:
+        assert_bitwise_equal(run(q.clone(), good, cache), want, name=name)
+        for positions in (bad, torch.tensor([-1, 0, 0])):
+            qq = q.clone()
+            with pytest.raises(ValueError, match="^positions: expected values in"):
+                run(qq, positions, cache)
+            assert_bitwise_equal(qq, q, name=f"{name}: nothing written")
+    with pytest.raises(ValueError, match="^positions: expected values in"):
+        make_fx(f)(q.clone(), bad, cache)  # real tensors: the op checks while it is traced
+
+
+def test_a_cache_requiring_grad_works_under_no_grad(target):
+    """A cache that requires grad (an nn.Parameter) is refused with grad enabled (error cases);
+    under torch.no_grad it is only read, on every backend alike."""
+    from rope_backends import reference
+
+    dev, b = target.device, target.backend
+    cache = torch.nn.Parameter(rb.cos_sin_cache(16, 16, device=dev))
+    pos = torch.tensor([1, 5, 9], device=dev)
+    q = torch.randn(3, 2, 16).to(dev)
+    c, s = reference.cos_sin_from_cache(pos, cache.detach(), None)
+    with torch.no_grad():
+        for inplace in (False, True):
+            qq = q.clone()
+            out, _ = rb.apply_cached(qq, None, pos, cache, inplace=inplace, backend=b)
+            assert not out.requires_grad
+            assert_bitwise_equal(out, reference.rotate(q, c[:, None], s[:, None], rb.Layout.NEOX, 16))

@@ -407,7 +407,7 @@ def test_shape_classes():
     assert _shape(4096, (32, 8)).shape_class().size == "medium"
     assert _shape(115200, (24,)).shape_class().size == "large"
     assert _shape(512, (2,), rot=64, head_dim=64).shape_class() == tuning.ShapeClass("table", False, 2, 32, "small")
-    assert len(set(tuning.classes())) == 2 * 2 * 2 * 3 * 4
+    assert len(set(tuning.classes())) == 3 * 2 * 2 * 3 * 4
 
 
 def test_forced_tile_applies_and_restores():
@@ -721,13 +721,15 @@ def test_tuner_end_to_end_with_stand_in_timing(monkeypatch, tmp_path):
         tune.Workload("tiny interleaved", "apply", (1, 80, 4, 32), layout="interleaved"),
         tune.Workload("tiny q+k", "apply_qk", (80, 4, 32), 2, inplace=True),
         tune.Workload("tiny decode", "apply_cached", (2, 4, 32), 2, inplace=True),
+        tune.Workload("tiny mrope", "apply_cached", (24, 2, 32), 1, inplace=True, mrope=(6, 5, 5)),
     ))
     doc = tune.tune(torch.device("cpu"), jobs=1, log=lambda *a: None)
     assert timed and launch._FORCED is None
-    assert {r["workload"] for r in doc["workloads"]} == {"tiny interleaved", "tiny q+k", "tiny decode"}
+    assert {r["workload"] for r in doc["workloads"]} == {"tiny interleaved", "tiny q+k", "tiny decode", "tiny mrope"}
     for r in doc["workloads"]:
         assert all(t[-1] is not None for t in r["tried"]), r  # every tile bit-exact
         assert r["best_us"] <= r["rule_us"]
     entries = tuning.parse_table(json.loads(json.dumps(doc)), "tuned")
-    assert {c.size for c in entries} == {"small", "decode"} and len(entries) == 3
+    assert {c.size for c in entries} == {"small", "decode"} and len(entries) == 4
+    assert {c.kind for c in entries} == {"table", "cached", "mrope"}
     assert "| tiny q+k |" in tune.table_markdown(doc)

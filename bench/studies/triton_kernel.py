@@ -136,8 +136,13 @@ def breakdown() -> dict:
     cache = rb.cos_sin_cache(4096, 128, device=DEV)
     rb.apply_cached(q, k, pos, cache, head_dim=128)
     key = next(kk for kk in dispatch._RUNNERS if kk[0] == "apply_cached")
-    run = dispatch._RUNNERS[key]
+    run = dispatch._RUNNERS[key][1]  # (generation, runner, memory guard)
     out["runner(tensors) alone"] = host_us(lambda: run((q, k), pos, cache))
+    opts = dispatch._cached_opts("neox", None, None, True, 128, None, False)
+    guards = dispatch._RECENT_CACHED[0][1]
+    out["recent-signature check (opts + TensorGuards)"] = host_us(
+        lambda: (dispatch._cached_opts("neox", None, None, True, 128, None, False) == opts
+                 and guards.check(q, k, pos, cache)))
     out["dispatch._runner(key)"] = host_us(lambda: dispatch._runner(key))
     out["dispatch._negated x4"] = host_us(lambda: dispatch._negated(q, k, pos, cache))
     out["dispatch._may_take_runner"] = host_us(lambda: dispatch._may_take_runner(True, False))

@@ -40,6 +40,7 @@ __all__ = [
     "cases_for",
     "REDUCED_TIERS",
     "DTYPES",
+    "WHY",
 ]
 
 OPS = ("apply", "apply_qk", "apply_cached")
@@ -560,6 +561,7 @@ class ErrorCase:
     arg: str
     build: Callable[[str], ErrorCall] = field(compare=False, repr=False)
     device_types: tuple[str, ...] | None = None  # None: any device
+    why: str = ""  # the rule, in one sentence: why the library refuses this (docs/errors.md's table)
 
 
 def _t(*shape, dtype=torch.float32, device="cpu"):
@@ -586,43 +588,99 @@ def _temporary_backend(**fields) -> Iterator[None]:
         unregister_backend(fields["name"])
 
 
+# The rules behind the refusals, one sentence each: docs/errors.md groups the cases by them.
+WHY = {
+    "rotary_dim": "rotary_dim is an even int in [2, head_dim] (apply_cached: the cache's width): a pair needs "
+                  "two elements and the rotated part must fit in head_dim",
+    "dtype": "q/k/x are float32, float16 or bfloat16 and share one dtype; cos/sin and the cache are floating: "
+             "the kernels compute in float32 and round once to the input dtype",
+    "device": "every tensor of a call is on one device: one kernel launch reads them all",
+    "tables": "cos/sin hold one value per pair (last dim rotary_dim//2) or the duplicated form (rotary_dim), "
+              "have one shape and broadcast to x.shape[:-1]: anything else has no single reading",
+    "partial": "cos/sin of width head_dim/2 with equal halves (neox) or even/odd columns (interleaved) that "
+               "rotate something are the duplicated form of a partial rotation, which without rotary_dim= "
+               "would silently be read as the half form of a full one",
+    "grad": "derivatives flow to the rotated tensors only: cos/sin or a cache that requires grad, or that "
+            "carries a forward-mode tangent, would silently get none",
+    "shapes": "rotated tensors are [..., heads, head_dim] (apply_cached: also [T, heads*head_dim] with "
+              "head_dim=), q and k with one head_dim (and, for apply_cached, the same leading dims)",
+    "positions": "positions are integer row indices into the cache, shaped like q's token dims ([3, T] only "
+                 "with mrope=); out-of-range values are refused where the check costs no sync (CPU, or "
+                 "ROPE_BACKENDS_DEBUG=1)",
+    "mrope": "an MRoPE axis map names a position row (0, 1 or 2) for each of the rotary_dim//2 pairs",
+    "options": "layout is 'neox' or 'interleaved' (or a rope_backends.Layout); inplace is a bool",
+    "inplace_grad": "an in-place call is not differentiable: a target that requires grad (with grad enabled) "
+                    "would silently lose its gradient",
+    "memory": "a kernel's programs run at once: an in-place target whose elements share memory, q and k "
+              "sharing memory, or a target sharing memory with cos/sin/positions/cache would make the "
+              "result depend on which program runs first (q and k are kept apart out of place too)",
+    "negative": "a lazily negated view (torch's negative bit) holds its values negated in memory: a "
+                "kernel's write into it would land un-negated",
+    "layout": "kernels follow strides: sparse and nested tensors have none",
+    "backend": "an explicit backend that cannot run the call raises with every candidate and its "
+               "reason: never a silent fallback",
+    "override": "an override string that cannot mean what was written (empty, a device type no backend "
+                "declares, a device type twice) is refused instead of silently falling back to "
+                "automatic selection",
+}
+
+
 def error_cases() -> list[ErrorCase]:
-    """Every bad input of spec section 5, each raising its documented type naming the argument."""
+    """Every bad input of spec section 5 and more, each raising its documented type naming the
+    argument, each with the rule it breaks (``why``, from :data:`WHY`)."""
+    import torch.autograd.forward_ad as fwAD
+
     import rope_backends as rb
 
     E, Call = ErrorCase, ErrorCall
     cases: list[ErrorCase] = []
+    rule = [""]
+
+    def because(key):
+        rule[0] = WHY[key]
+
+    def add(name, error, arg, build, device_types=None):
+        cases.append(E(name, error, arg, build, device_types, rule[0]))
 
     def apply_case(name, error, arg, *, x=None, cos=None, sin=None, inplace=False, watch_x=True, device_types=None,
-                   **kw):
+                   env=None, context=contextlib.nullcontext, wrap=None, **kw):
         def build(device):
             xx = x(device) if x else _t(4, 2, 16, device=device)
             c, s = (cos(device), sin(device)) if cos else _cs((4, 1, 8), device)
             watched = (xx, c, s) if watch_x else (c, s)
-            return Call(lambda b: rb.apply(xx, c, s, inplace=inplace, backend=b, **kw),
-                        watched=tuple(t for t in watched if isinstance(t, torch.Tensor)))
-        cases.append(E(name, error, arg, build, device_types))
+            wrapped = wrap or (lambda t: t)
+            return Call(lambda b: rb.apply(xx, wrapped(c), s, inplace=inplace, backend=b, **kw),
+                        watched=tuple(t for t in watched if isinstance(t, torch.Tensor)), env=env or {},
+                        context=context)
+        add(name, error, arg, build, device_types)
 
-    def qk_case(name, error, arg, *, q=None, k=None, cos=None, sin=None, inplace=True, **kw):
+    def qk_case(name, error, arg, *, q=None, k=None, cos=None, sin=None, inplace=True, watch=None, **kw):
         def build(device):
             qq = q(device) if q else _t(4, 4, 16, device=device)
             kk = k(device, qq) if k else _t(4, 2, 16, device=device)
             c, s = (cos(device), sin(device)) if cos else _cs((4, 1, 8), device)
-            return Call(lambda b: rb.apply_qk(qq, kk, c, s, inplace=inplace, backend=b, **kw), watched=(qq, kk, c, s))
-        cases.append(E(name, error, arg, build))
+            watched = (qq, kk, c, s) + (tuple(watch(qq, kk)) if watch is not None else ())
+            return Call(lambda b: rb.apply_qk(qq, kk, c, s, inplace=inplace, backend=b, **kw), watched=watched)
+        add(name, error, arg, build)
 
     def cached_case(name, error, arg, *, q=None, k=None, positions=None, cache=None, device_types=None, env=None,
-                    inplace=True, **kw):
+                    inplace=True, context=contextlib.nullcontext, wrap=None, qk=None, **kw):
         def build(device):
-            qq = q(device) if q else _t(6, 4, 16, device=device)
-            kk = k(device) if k else _t(6, 2, 16, device=device)
+            if qk is not None:  # q and k (and what to watch) made together: views of one buffer
+                qq, kk, extra = qk(device)
+            else:
+                qq = q(device) if q else _t(6, 4, 16, device=device)
+                kk = k(device) if k else _t(6, 2, 16, device=device)
+                extra = ()
             pp = positions(device) if positions else _pos(6, device)
-            cc = cache(device) if cache else rb.cos_sin_cache(16, 16, device=device)
-            return Call(lambda b: rb.apply_cached(qq, kk, pp, cc, inplace=inplace, backend=b, **kw),
-                        watched=tuple(t for t in (qq, kk, pp, cc) if isinstance(t, torch.Tensor)), env=env or {})
-        cases.append(E(name, error, arg, build, device_types))
+            cc = cache(device, qq) if cache else rb.cos_sin_cache(16, 16, device=device)
+            wrapped = wrap or (lambda t: t)
+            watched = tuple(t for t in (qq, kk, pp, cc, *extra) if isinstance(t, torch.Tensor))
+            return Call(lambda b: rb.apply_cached(qq, kk, pp, wrapped(cc), inplace=inplace, backend=b, **kw),
+                        watched=watched, env=env or {}, context=context)
+        add(name, error, arg, build, device_types)
 
-    # rotary_dim
+    because("rotary_dim")
     apply_case("rotary_dim_odd", ValueError, "rotary_dim", rotary_dim=7, inplace=True)
     apply_case("rotary_dim_oversized", ValueError, "rotary_dim", rotary_dim=18, inplace=True)
     apply_case("rotary_dim_zero", ValueError, "rotary_dim", rotary_dim=0)
@@ -632,10 +690,10 @@ def error_cases() -> list[ErrorCase]:
     apply_case("rotary_dim_bool", TypeError, "rotary_dim", rotary_dim=True)
     cached_case("rotary_dim_not_cache_width", ValueError, "rotary_dim", rotary_dim=8)
     cached_case("cache_width_odd", ValueError, "cos_sin_cache.shape[1] (rotary_dim)",
-                cache=lambda dev: _t(16, 15, device=dev))
+                cache=lambda dev, q: _t(16, 15, device=dev))
     cached_case("cache_wider_than_head_dim", ValueError, "cos_sin_cache.shape[1] (rotary_dim)",
-                cache=lambda dev: _t(16, 18, device=dev))
-    # dtypes
+                cache=lambda dev, q: _t(16, 18, device=dev))
+    because("dtype")
     qk_case("k_dtype_mismatch", TypeError, "k", k=lambda dev, q: _t(4, 2, 16, dtype=torch.float16, device=dev))
     apply_case("sin_dtype_mismatch", TypeError, "sin", cos=lambda dev: _t(4, 1, 8, device=dev),
                sin=lambda dev: _t(4, 1, 8, dtype=torch.float16, device=dev), inplace=True)
@@ -645,8 +703,9 @@ def error_cases() -> list[ErrorCase]:
     cached_case("k_dtype_mismatch_cached", TypeError, "k", k=lambda dev: _t(6, 2, 16, dtype=torch.bfloat16, device=dev))
     apply_case("cos_int", TypeError, "cos", cos=lambda dev: torch.ones(4, 1, 8, dtype=torch.int32, device=dev),
                sin=lambda dev: torch.ones(4, 1, 8, dtype=torch.int32, device=dev))
-    cached_case("cache_int", TypeError, "cos_sin_cache", cache=lambda dev: torch.ones(16, 16, dtype=torch.int32, device=dev))
-    # devices (simulated with the meta device)
+    cached_case("cache_int", TypeError, "cos_sin_cache",
+                cache=lambda dev, q: torch.ones(16, 16, dtype=torch.int32, device=dev))
+    because("device")  # (simulated with the meta device)
     qk_case("k_other_device", ValueError, "k", k=lambda dev, q: _t(4, 2, 16, device="meta"))
     apply_case("cos_other_device", ValueError, "cos", cos=lambda dev: _t(4, 1, 8, device="meta"),
                sin=lambda dev: _t(4, 1, 8, device="meta"), inplace=True)
@@ -654,9 +713,9 @@ def error_cases() -> list[ErrorCase]:
                sin=lambda dev: _t(4, 1, 8, device="meta"), inplace=True)
     cached_case("positions_other_device", ValueError, "positions", positions=lambda dev: _pos(6, "meta"))
     cached_case("cache_other_device", ValueError, "cos_sin_cache",
-                cache=lambda dev: torch.empty(16, 16, device="meta"))
+                cache=lambda dev, q: torch.empty(16, 16, device="meta"))
     cached_case("k_other_device_cached", ValueError, "k", k=lambda dev: _t(6, 2, 16, device="meta"))
-    # cos/sin shapes
+    because("tables")
     apply_case("cos_not_broadcastable", ValueError, "cos", cos=lambda dev: _t(5, 1, 8, device=dev),
                sin=lambda dev: _t(5, 1, 8, device=dev), inplace=True)
     apply_case("cos_too_many_dims", ValueError, "cos", cos=lambda dev: _t(2, 4, 1, 8, device=dev),
@@ -670,11 +729,30 @@ def error_cases() -> list[ErrorCase]:
                sin=lambda dev: torch.tensor(0.0, device=dev))
     qk_case("cos_not_broadcastable_to_k", ValueError, "cos", cos=lambda dev: _t(4, 4, 8, device=dev),
             sin=lambda dev: _t(4, 4, 8, device=dev))
-    apply_case("cos_requires_grad", ValueError, "cos", cos=lambda dev: _t(4, 1, 8, device=dev).requires_grad_(),
-               sin=lambda dev: _t(4, 1, 8, device=dev))
     apply_case("cos_not_tensor", TypeError, "cos", cos=lambda dev: [[0.5] * 8] * 4, sin=lambda dev: _t(4, 1, 8, device=dev),
                inplace=True)
-    # x / q / k shapes and kinds
+    because("partial")
+    # GLM-style: rotary_dim = head_dim/2 = 8, the duplicated form of its 4 frequencies, no rotary_dim=
+    for layout in ("neox", "interleaved"):
+        for debug in (False, True):
+            apply_case(f"cos_partial_rotary_without_rotary_dim_{layout}" + ("_debug" if debug else ""), ValueError,
+                       "cos", cos=lambda dev, layout=layout: _dup_table(dev, layout)[0],
+                       sin=lambda dev, layout=layout: _dup_table(dev, layout)[1], layout=layout, inplace=True,
+                       env={"ROPE_BACKENDS_DEBUG": "1"} if debug else None,
+                       device_types=None if debug else ("cpu",))
+    because("grad")
+    apply_case("cos_requires_grad", ValueError, "cos", cos=lambda dev: _t(4, 1, 8, device=dev).requires_grad_(),
+               sin=lambda dev: _t(4, 1, 8, device=dev))
+    apply_case("cos_forward_tangent", ValueError, "cos", context=fwAD.dual_level,
+               wrap=lambda c: fwAD.make_dual(c, torch.ones_like(c)))
+    cached_case("cache_requires_grad", ValueError, "cos_sin_cache",
+                cache=lambda dev, q: rb.cos_sin_cache(16, 16, device=dev).requires_grad_())
+    cached_case("cache_requires_grad_training", ValueError, "cos_sin_cache", inplace=False,
+                q=lambda dev: _t(6, 4, 16, device=dev).requires_grad_(),
+                cache=lambda dev, q: torch.nn.Parameter(rb.cos_sin_cache(16, 16, device=dev)))
+    cached_case("cache_forward_tangent", ValueError, "cos_sin_cache", inplace=False, context=fwAD.dual_level,
+                wrap=lambda c: fwAD.make_dual(c, torch.ones_like(c)))
+    because("shapes")
     apply_case("x_not_tensor", TypeError, "x", x=lambda dev: [[1.0] * 16] * 4, watch_x=False)
     apply_case("x_0d", ValueError, "x", x=lambda dev: torch.tensor(1.0, device=dev))
     qk_case("k_head_dim_mismatch", ValueError, "k", k=lambda dev, q: _t(4, 2, 18, device=dev))
@@ -687,8 +765,8 @@ def error_cases() -> list[ErrorCase]:
                 k=lambda dev: _t(6, 32, device=dev), head_dim=0)
     cached_case("head_dim_contradicts_q", ValueError, "head_dim", head_dim=32)
     cached_case("q_1d", ValueError, "q", q=lambda dev: _t(64, device=dev), k=lambda dev: _t(32, device=dev))
-    cached_case("cache_1d", ValueError, "cos_sin_cache", cache=lambda dev: _t(16, device=dev))
-    # positions
+    cached_case("cache_1d", ValueError, "cos_sin_cache", cache=lambda dev, q: _t(16, device=dev))
+    because("positions")
     cached_case("positions_float", TypeError, "positions", positions=lambda dev: torch.zeros(6, device=dev))
     cached_case("positions_bool", TypeError, "positions", positions=lambda dev: torch.zeros(6, dtype=torch.bool, device=dev))
     cached_case("positions_out_of_range", ValueError, "positions",
@@ -703,35 +781,52 @@ def error_cases() -> list[ErrorCase]:
                 positions=lambda dev: _pos(18, dev).view(3, 6))
     cached_case("positions_4_rows_with_mrope", ValueError, "positions", positions=lambda dev: _pos(24, dev).view(4, 6),
                 mrope=rb.mrope.chunked((2, 3, 3)))
-    # mrope
+    because("mrope")
     cached_case("mrope_length_mismatch", ValueError, "mrope", positions=lambda dev: _pos(18, dev).view(3, 6),
                 mrope=rb.mrope.chunked((2, 2, 2)))
     cached_case("mrope_bad_axis", ValueError, "mrope", mrope=(0, 1, 2, 3, 0, 1, 2, 0))
     cached_case("mrope_not_sequence", TypeError, "mrope", mrope=3)
-    # layout, inplace, aliasing
+    because("options")
     apply_case("layout_unknown", ValueError, "layout", layout="gptj", inplace=True)
     apply_case("layout_not_str", ValueError, "layout", layout=1)
     apply_case("inplace_not_bool", TypeError, "inplace", inplace=1)
-    apply_case("inplace_expanded_view", ValueError, "x", x=lambda dev: _t(1, 2, 16, device=dev).expand(4, 2, 16),
-               inplace=True)
+    because("inplace_grad")
     apply_case("inplace_requires_grad", ValueError, "x", x=lambda dev: _t(4, 2, 16, device=dev).requires_grad_(),
                inplace=True)
+    because("memory")
+    apply_case("inplace_expanded_view", ValueError, "x", x=lambda dev: _t(1, 2, 16, device=dev).expand(4, 2, 16),
+               inplace=True)
     cached_case("inplace_expanded_k", ValueError, "k", k=lambda dev: _t(6, 1, 16, device=dev).expand(6, 2, 16))
-    # sparse and nested tensors: no strides for a kernel to follow
+    # a target whose rows step by half a row: each element but the first 8 of a row is another row's
+    apply_case("inplace_self_overlap", ValueError, "x", inplace=True,
+               x=lambda dev: _t(64, device=dev).as_strided((4, 1, 16), (8, 8, 1)))
+    cached_case("inplace_self_overlap_k", ValueError, "k",
+                k=lambda dev: _t(96, device=dev).as_strided((6, 2, 16), (8, 16, 1)))
+    qk_case("q_is_k", ValueError, "k", k=lambda dev, q: q)
+    qk_case("k_view_of_q", ValueError, "k", q=lambda dev: _t(4, 4, 16, device=dev), k=lambda dev, q: q[:, :2])
+    add("k_is_q_cached", ValueError, "k", _same_qk_cached)
+    # k is q shifted by one head: [T, 6, D] buffer, q = heads 0..3, k = heads 1..4
+    qk_case("k_overlaps_q", ValueError, "k", q=lambda dev: _buffer(dev, (4, 6, 16))[:, 0:4],
+            k=lambda dev, q: q._base[:, 1:3], watch=lambda q, k: (q._base,))
+    qk_case("k_overlaps_q_out_of_place", ValueError, "k", inplace=False, q=lambda dev: _buffer(dev, (4, 6, 16))[:, 0:4],
+            k=lambda dev, q: q._base[:, 3:5], watch=lambda q, k: (q._base,))
+    # the slicing slip of a fused qkv: q = qkv[:, :64], k = qkv[:, 48:80] (head_dim 16)
+    cached_case("k_overlaps_q_fused_qkv", ValueError, "k", head_dim=16, qk=_fused_slip)
+    add("inplace_x_overlaps_cos", ValueError, "x", _x_overlaps_cos)
+    cached_case("inplace_q_overlaps_cache", ValueError, "q", k=lambda dev: _t(6, 2, 16, device=dev),
+                q=lambda dev: _buffer(dev, (6, 4, 16)), cache=lambda dev, q: q.view(-1)[:256].view(16, 16))
+    because("negative")
+    apply_case("inplace_negative_view", ValueError, "x", x=lambda dev: torch._neg_view(_t(4, 2, 16, device=dev)),
+               inplace=True)
+    qk_case("inplace_negative_view_k", ValueError, "k", k=lambda dev, q: torch._neg_view(_t(4, 2, 16, device=dev)))
+    cached_case("inplace_negative_view_q", ValueError, "q", q=lambda dev: torch._neg_view(_t(6, 4, 16, device=dev)))
+    because("layout")
     apply_case("x_sparse", TypeError, "x", x=lambda dev: _t(4, 2, 16, device=dev).to_sparse())
     apply_case("cos_sparse", TypeError, "cos", cos=lambda dev: _t(4, 1, 8, device=dev).to_sparse(),
                sin=lambda dev: _t(4, 1, 8, device=dev))
     cached_case("positions_sparse", TypeError, "positions", positions=lambda dev: _pos(6, dev).to_sparse())
     qk_case("k_nested", TypeError, "k", k=lambda dev, q: torch.nested.nested_tensor(
         [_t(2, 16, device=dev), _t(1, 16, device=dev)]), inplace=False)
-    # torch's lazily negated views (.conj().imag): a kernel's write would land un-negated
-    apply_case("inplace_negative_view", ValueError, "x", x=lambda dev: torch._neg_view(_t(4, 2, 16, device=dev)),
-               inplace=True)
-    qk_case("inplace_negative_view_k", ValueError, "k", k=lambda dev, q: torch._neg_view(_t(4, 2, 16, device=dev)))
-    cached_case("inplace_negative_view_q", ValueError, "q", q=lambda dev: torch._neg_view(_t(6, 4, 16, device=dev)))
-    qk_case("q_is_k", ValueError, "k", k=lambda dev, q: q)
-    qk_case("k_view_of_q", ValueError, "k", q=lambda dev: _t(4, 4, 16, device=dev), k=lambda dev, q: q[:, :2])
-    cases.append(E("k_is_q_cached", ValueError, "k", _same_qk_cached))
 
     # backends and overrides (the backend argument is the bad input here)
     def backend_case(name, arg, fn_of, env=None, context=contextlib.nullcontext, error=ValueError):
@@ -739,10 +834,21 @@ def error_cases() -> list[ErrorCase]:
             x = _t(4, 2, 16, device=device)
             c, s = _cs((4, 1, 8), device)
             return Call(fn_of(x, c, s), watched=(x, c, s), env=env or {}, context=context)
-        cases.append(E(name, error, arg, build))
+        add(name, error, arg, build)
 
-    backend_case("backend_unknown", "backend",
-                 lambda x, c, s: (lambda b: rb.apply(x, c, s, inplace=True, backend="no_such_backend")))
+    def env_case(name, value):
+        backend_case(name, "ROPE_BACKEND", lambda x, c, s: (lambda b: rb.apply(x, c, s, inplace=True)),
+                     env={"ROPE_BACKEND": value})
+
+    def context_case(name, value):
+        backend_case(name, "use_backend",
+                     lambda x, c, s: (lambda b: _in_context(value, lambda: rb.apply(x, c, s, inplace=True))))
+
+    def argument_case(name, value):
+        backend_case(name, "backend", lambda x, c, s: (lambda b: rb.apply(x, c, s, inplace=True, backend=value)))
+
+    because("backend")
+    argument_case("backend_unknown", "no_such_backend")
     backend_case("backend_not_str", "backend", lambda x, c, s: (lambda b: rb.apply(x, c, s, backend=3)), error=TypeError)
     backend_case("backend_wrong_device", "backend",
                  lambda x, c, s: (lambda b: rb.apply(x, c, s, inplace=True, backend="rb_testing_nowhere")),
@@ -751,20 +857,61 @@ def error_cases() -> list[ErrorCase]:
                  lambda x, c, s: (lambda b: rb.apply(x, c, s, inplace=True, backend="rb_testing_absent")),
                  context=lambda: _temporary_backend(name="rb_testing_absent", device_types=("*",), priority=0,
                                                     probe=lambda: "rb_testing_absent is never available"))
-    backend_case("use_backend_unknown", "use_backend",
-                 lambda x, c, s: (lambda b: _in_context("no_such_backend", lambda: rb.apply(x, c, s, inplace=True))))
-    backend_case("use_backend_bad_spec", "use_backend",
-                 lambda x, c, s: (lambda b: _in_context("cuda:", lambda: rb.apply(x, c, s, inplace=True))))
-    backend_case("env_unknown_backend", "ROPE_BACKEND", lambda x, c, s: (lambda b: rb.apply(x, c, s, inplace=True)),
-                 env={"ROPE_BACKEND": "no_such_backend"})
-    backend_case("env_bad_string", "ROPE_BACKEND", lambda x, c, s: (lambda b: rb.apply(x, c, s, inplace=True)),
-                 env={"ROPE_BACKEND": " , ,"})
-    backend_case("env_bad_pair", "ROPE_BACKEND", lambda x, c, s: (lambda b: rb.apply(x, c, s, inplace=True)),
-                 env={"ROPE_BACKEND": "cpu:"})
+    context_case("use_backend_unknown", "no_such_backend")
+    env_case("env_unknown_backend", "no_such_backend")
+    because("override")
+    argument_case("backend_empty", "")
+    argument_case("backend_unknown_device_type", "gpu:triton")
+    context_case("use_backend_bad_spec", "cuda:")
+    context_case("use_backend_empty", "")
+    context_case("use_backend_unknown_device_type", "gpu:triton")
+    context_case("use_backend_device_type_case", "CPU:npu")
+    context_case("use_backend_device_twice", "cpu:eager,cpu:npu")
+    env_case("env_bad_string", " , ,")
+    env_case("env_bad_pair", "cpu:")
+    env_case("env_unknown_device_type", "gpu:triton")
+    env_case("env_device_type_case", "CPU:npu")
+    env_case("env_device_twice", "cpu:eager,cpu:npu")
+    env_case("env_two_names", "eager,npu")
     names = [c.name for c in cases]
     if len(names) != len(set(names)):
         raise ValueError(f"error_cases: duplicate names {sorted(n for n in names if names.count(n) > 1)}")
+    if any(not c.why for c in cases):
+        raise ValueError(f"error_cases: no rule (why) for {[c.name for c in cases if not c.why]}")
     return cases
+
+
+def _buffer(device, shape):
+    return _t(*shape, device=device)
+
+
+def _dup_table(device, layout):
+    """cos/sin [4, 1, 8]: the duplicated form of 4 frequencies (rotary_dim 8 of head_dim 16), with
+    positions 1..4 so that sin != 0."""
+    import rope_backends as rb
+
+    cos, sin = rb.cos_sin(torch.arange(1, 5), 8)
+    if layout == "neox":
+        cos, sin = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+    else:
+        cos, sin = cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
+    return cos[:, None].to(device), sin[:, None].to(device)
+
+
+def _fused_slip(device):
+    qkv = _t(6, 96, device=device)
+    return qkv[:, :64], qkv[:, 48:80], (qkv,)
+
+
+def _x_overlaps_cos(device: str) -> ErrorCall:
+    """x [4, 2, 16] in place; cos a [4, 1, 8] view into x's own memory (same shape and strides as
+    a table of its own)."""
+    import rope_backends as rb
+
+    x = _t(4, 2, 16, device=device)
+    cos = x.view(-1)[32:64].view(4, 1, 8)
+    sin = _t(4, 1, 8, device=device)
+    return ErrorCall(lambda b: rb.apply(x, cos, sin, inplace=True, backend=b), watched=(x, sin))
 
 
 def _in_context(spec, fn):

@@ -701,7 +701,7 @@ def _build(args: RopeArgs, pairs) -> "Plan | str | None":
 
     copy_pass = not args.inplace and rot < head_dim
     heads = [t[0] for t in per_tensor]
-    shape = tuning.Shape(kind="table" if args.cache is None else "cached",
+    shape = tuning.Shape(kind="table" if args.cache is None else ("mrope" if mrope else "cached"),
                          interleaved=args.layout is not Layout.NEOX, elem_bytes=x0.element_size(),
                          rot=rot, head_dim=head_dim, copy_pass=copy_pass, rows=rows, heads=tuple(heads),
                          cos_per_head=cos_per_head)

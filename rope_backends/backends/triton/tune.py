@@ -49,6 +49,7 @@ class Workload:
     layout: str = "neox"
     inplace: bool = False
     dtype: str = "bfloat16"
+    mrope: tuple[int, int, int] | None = None   # apply_cached: Qwen3-VL interleaved sections, 3-row positions
 
     @property
     def tokens(self) -> int:
@@ -73,6 +74,9 @@ WORKLOADS = (
     Workload("serving T=256, 32/8 heads", "apply_cached", (256, 32, 128), 8, inplace=True),
     Workload("serving decode T=1, 32/8 heads", "apply_cached", (1, 32, 128), 8, inplace=True),
     Workload("serving decode T=16, 32/8 heads", "apply_cached", (16, 32, 128), 8, inplace=True),
+    # multimodal: three position rows, random on every row
+    Workload("MRoPE T=16384, 32/8 heads", "apply_cached", (16384, 32, 128), 8, inplace=True, mrope=(24, 20, 20)),
+    Workload("MRoPE T=4096, 32/8 heads", "apply_cached", (4096, 32, 128), 8, inplace=True, mrope=(24, 20, 20)),
 )
 
 
@@ -104,8 +108,12 @@ def _inputs(w: Workload, device: torch.device, seed: int) -> dict:
     seq = w.q[-3] if len(w.q) >= 3 else 1
     if w.op == "apply_cached":
         max_pos = 32768
+        if w.mrope is not None:
+            pos = torch.randint(0, max_pos, (3, w.tokens), generator=g, device=device)
+            return {"q": q, "k": k, "positions": pos, "cache": _cache(device, max_pos, d),
+                    "mrope": rb.mrope.interleaved(list(w.mrope))}
         pos = (torch.arange(w.tokens, device=device) * 7 + 13 + seed) % max_pos
-        return {"q": q, "k": k, "positions": pos, "cache": _cache(device, max_pos, d)}
+        return {"q": q, "k": k, "positions": pos, "cache": _cache(device, max_pos, d), "mrope": None}
     cos, sin = rb.cos_sin(torch.arange(seq) + seed, d)
     return {"q": q, "k": k, "cos": cos.to(device)[:, None], "sin": sin.to(device)[:, None]}
 
@@ -131,7 +139,7 @@ def _call(w: Workload, d: dict) -> Callable[[], tuple]:
         return lambda: rb.apply_qk(d["q"], d["k"], d["cos"], d["sin"], layout=w.layout, inplace=w.inplace,
                                    backend="triton")
     return lambda: rb.apply_cached(d["q"], d["k"], d["positions"], d["cache"], layout=w.layout,
-                                   inplace=w.inplace, backend="triton")
+                                   mrope=d["mrope"], inplace=w.inplace, backend="triton")
 
 
 def _reference(w: Workload, d: dict) -> tuple:
@@ -141,7 +149,7 @@ def _reference(w: Workload, d: dict) -> tuple:
     tensors = (d["q"],) if d["k"] is None else (d["q"], d["k"])
     lay = Layout(w.layout)
     if w.op == "apply_cached":
-        args = RopeArgs(tensors, False, lay, w.q[-1], positions=d["positions"], cache=d["cache"])
+        args = RopeArgs(tensors, False, lay, w.q[-1], positions=d["positions"], cache=d["cache"], mrope=d["mrope"])
     else:
         args = RopeArgs(tensors, False, lay, w.q[-1], cos=d["cos"], sin=d["sin"])
     return reference.run(args)
@@ -150,7 +158,8 @@ def _reference(w: Workload, d: dict) -> tuple:
 def _bytes(w: Workload) -> int:
     e = torch.finfo(getattr(torch, w.dtype)).bits // 8
     elems = math.prod(w.q) + (math.prod(w.q[:-2]) * w.k_heads * w.q[-1])
-    side = (w.tokens * 8 + w.tokens * w.q[-1] * 4) if w.op == "apply_cached" else 2 * w.q[-3 if len(w.q) >= 3 else 0] * w.q[-1] // 2 * 4
+    rows = 3 if w.mrope else 1
+    side = (rows * w.tokens * 8 + rows * w.tokens * w.q[-1] * 4) if w.op == "apply_cached" else 2 * w.q[-3 if len(w.q) >= 3 else 0] * w.q[-1] // 2 * 4
     return 2 * elems * e + side
 
 
@@ -160,13 +169,15 @@ def _shape_of(w: Workload, d: dict) -> tuning.Shape:
 
     tensors = (d["q"],) if d["k"] is None else (d["q"], d["k"])
     if w.op == "apply_cached":
-        args = RopeArgs(tensors, w.inplace, Layout(w.layout), w.q[-1], positions=d["positions"], cache=d["cache"])
+        args = RopeArgs(tensors, w.inplace, Layout(w.layout), w.q[-1], positions=d["positions"], cache=d["cache"],
+                        mrope=d["mrope"])
     else:
         args = RopeArgs(tensors, w.inplace, Layout(w.layout), w.q[-1], cos=d["cos"], sin=d["sin"])
     plan = plan_for(args)
     v = plan.values
     heads = (v["q_heads"],) + ((v["k_heads"],) if v["HAS_K"] else ())
-    return tuning.Shape("cached" if w.op == "apply_cached" else "table", w.layout == "interleaved",
+    kind = "table" if w.op != "apply_cached" else ("mrope" if v["MROPE"] else "cached")
+    return tuning.Shape(kind, w.layout == "interleaved",
                         d["q"].element_size(), w.q[-1], w.q[-1], v["COPY_PASS"], v["rows"], heads,
                         v["COS_PER_HEAD"])
 

@@ -46,6 +46,7 @@ SCHEMA = "rope_backends.triton-tiles/1"
 # not read as if it described this kernel
 TILE_FORMAT = 1
 SIZES = ("decode", "small", "medium", "large")
+KINDS = ("table", "cached", "mrope")
 _SHIPPED = Path(__file__).with_name("tiles")
 
 
@@ -76,7 +77,7 @@ class TileParams:
 class Shape:
     """What the tile of a call depends on (launch.py fills it from the plan)."""
 
-    kind: str                # "table" (cos/sin) | "cached" (positions into a cache)
+    kind: str                # "table" (cos/sin) | "cached" (positions into a cache) | "mrope" (3-row positions)
     interleaved: bool
     elem_bytes: int          # of q/k
     rot: int                 # rotary_dim
@@ -177,7 +178,7 @@ def rule(cls: ShapeClass) -> TileParams:
     128-bit accesses."""
     if cls.size == "decode":
         return TileParams(units=8, block_h=8, vec_bytes=16)
-    elems = 2048 if cls.kind == "table" else 4096
+    elems = 2048 if cls.kind == "table" else 4096  # MRoPE: three cache rows per row, shared by 8 heads
     units = _pow2_floor(max(1, elems // (2 * cls.width)))
     return TileParams(units=units, block_h=8, vec_bytes=16)
 
@@ -250,7 +251,7 @@ def parse_table(doc: object, where: str) -> dict:
             c = entry["class"]
             cls = ShapeClass(str(c["kind"]), bool(c["interleaved"]), int(c["elem_bytes"]), int(c["width"]),
                              str(c["size"]))
-            if cls.kind not in ("table", "cached") or cls.size not in SIZES:
+            if cls.kind not in KINDS or cls.size not in SIZES:
                 raise ValueError(f"class {c!r}")
             p = entry["params"]
             entries[cls] = TileParams(int(p["units"]), int(p["block_h"]), int(p["vec_bytes"]))
@@ -320,7 +321,7 @@ def _interpreter_tile(shape: Shape) -> Tile:
 
 def classes() -> Iterable[ShapeClass]:
     """Every shape class a table may hold."""
-    for kind in ("table", "cached"):
+    for kind in KINDS:
         for interleaved in (False, True):
             for elem_bytes in (2, 4):
                 for width in (32, 64, 128):
