@@ -19,8 +19,8 @@ cos[2i+1] for the interleaved form, cos[i] == cos[i + d/2] for the half-split fo
 supported model's own rotary module builds them (``get_1d_rotary_pos_embed`` with
 ``repeat_interleave_real``, Wan's/Helios' tables): rope_backends reads one value per pair.
 
-This module imports no diffusers code; it must not change a diffusers module's existing names,
-nor any model other than the one passed.
+This module imports no diffusers code; it must not change a diffusers module's existing names (it
+only adds private ``_rope_backends__*`` aliases), nor any model other than the one passed.
 """
 
 from __future__ import annotations

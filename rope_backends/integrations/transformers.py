@@ -5,14 +5,17 @@
         model.generate(...)                 # every q/k rotation runs through rb.apply_qk / rb.apply
 
 How: transformers 5.x attention modules call a module global of their ``modeling_*.py``
-(``apply_rotary_pos_emb``, ``apply_rotary_pos_emb_vision``; GPT-J's per-tensor
-``apply_rotary_pos_emb``). ``patch`` gives each attention module of *this* model its own copy of
+(``apply_rotary_pos_emb``, ``apply_rotary_pos_emb_vision``, earlier Qwen2-VL's
+``apply_multimodal_rotary_pos_emb``; GPT-J's per-tensor ``apply_rotary_pos_emb``). ``patch`` gives
+each attention module of *this* model its own copy of
 its class's ``forward`` in which that call goes to a rope_backends function of the same signature
 and the same results (``_rewrite.py``); the ``modeling_*.py`` module keeps its function, so other
 models of the same family -- patched or not -- are unaffected, and ``torch.compile``, gradient
 checkpointing, ``generate`` and autograd see an ordinary module. Before the first patch of a
-family, each replacement is checked against the installed transformers' own function on float32
-inputs, bit for bit; a mismatch (a transformers version that changed the formula) refuses the patch.
+function, its replacement is checked against the installed transformers' own function on small
+CPU inputs (float32, bf16 q/k with float32 tables, a partial rotation where the function takes
+one), bits and dtypes; a mismatch (a transformers version that changed the formula) refuses the
+patch. Gradients reach q/k contiguous, as transformers' own do (see ``_forms.contiguous_grads``).
 
 ``tables="rb"`` also replaces the model's rotary-embedding module (which computes cos/sin from
 ``inv_freq`` and casts them to the activation dtype) with a lookup in ``rb.rope_config(config)
@@ -20,8 +23,8 @@ inputs, bit for bit; a mismatch (a transformers version that changed the formula
 a serving-style ``rb.apply_cached`` on the same tokens bit for bit, in bf16 too.
 
 This module imports no transformers code: it recognises the families by the module names of the
-functions a model calls. It must not change a transformers module's existing names, nor any
-model other than the one passed.
+functions a model calls. It must not change a transformers module's existing names (it only adds
+private ``_rope_backends__*`` aliases), nor any model other than the one passed.
 """
 
 from __future__ import annotations
