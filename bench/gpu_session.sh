@@ -7,6 +7,8 @@
 #   bench   python -m rope_backends bench --device cuda (all groups but rope_index; BENCH_ARGS adds options)
 #   sample  python -m rope_backends check --device cuda --expect triton (the sample tier)
 #   fuzz    the long hypothesis profile, ROPE_FUZZ_EXAMPLES per op, the three ops side by side
+#   integration  bench/studies/integration_llama.py (a 1B Llama-shaped model with and without the patch)
+#   rope_index   bench/studies/rope_index.py --quick on cuda
 # Usage: STAGES=smoke,cuda,tune,bench bash bench/gpu_session.sh OUT_DIR
 # Peers: carry Liger-Kernel on PYTHONPATH; ROPE_BENCH_FLASH_ATTN_ROTARY=path/to/flash_attn/ops/triton/rotary.py.
 set -uo pipefail
@@ -85,5 +87,11 @@ if [[ $stages == *,fuzz,* ]]; then
   done
   wait
   for op in apply apply_qk apply_cached; do echo "== fuzz $op"; tail -n 5 "$out/fuzz_$op.txt"; done
+fi
+if [[ $stages == *,integration,* ]]; then
+  run integration 200 "$py" bench/studies/integration_llama.py --out "$out"
+fi
+if [[ $stages == *,rope_index,* ]]; then
+  run rope_index 150 "$py" bench/studies/rope_index.py --quick --devices cuda --out "$out"
 fi
 exit $status
