@@ -733,3 +733,26 @@ def test_tuner_end_to_end_with_stand_in_timing(monkeypatch, tmp_path):
     assert {c.size for c in entries} == {"small", "decode"} and len(entries) == 4
     assert {c.kind for c in entries} == {"table", "cached", "mrope"}
     assert "| tiny q+k |" in tune.table_markdown(doc)
+
+
+def test_q_and_k_with_different_leading_dims_get_a_prepared_runner():
+    """transformers' [B, H, S, D] with GQA puts the heads in the leading dims (dim -2 is S), so q and k
+    need separate launches; a repeated call must still take a prepared runner (without one, every
+    decode step of a patched model took the full path: validation, selection and planning)."""
+    from rope_backends import dispatch
+
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(1, 4, 3, 16, generator=g), torch.randn(1, 2, 3, 16, generator=g)
+    cos, sin = rb.cos_sin(torch.arange(3), 16)
+    c, s = cos[None, None], sin[None, None]  # [1, 1, S, r/2]
+    assert launch.plan_for(_args(q, c, s)) is not None
+    dispatch._RUNNERS.clear()
+    dispatch._RECENT_QK.clear()
+    first = rb.apply_qk(q, k, c, s, backend="triton")
+    assert len(dispatch._RUNNERS) == 1
+    again = rb.apply_qk(q.clone(), k.clone(), c, s, backend="triton")
+    for got, want in zip(again, first):
+        assert_bitwise_equal(got, want)
+    args = RopeArgs((q, k), False, Layout.NEOX, 16, cos=c, sin=s)
+    for got, want in zip(first, reference.run(args)):
+        assert_bitwise_equal(got, want)

@@ -177,6 +177,17 @@ def prepare(args: RopeArgs):
     plan = _PLANS.get(key)
     if plan is None and key not in _PLANS:
         plan = _PLANS[key] = _build(args, pairs)
+    if plan is _SEPARATE:
+        # q and k with different leading dims: HF's [B, H, S, D] with GQA reaches here with heads
+        # in the leading dims (the rotated dim -2 is S). One runner per tensor, run one after the other.
+        first = prepare(dataclasses.replace(args, tensors=tensors[:1]))
+        second = prepare(dataclasses.replace(args, tensors=tensors[1:]))
+        if first is None or second is None:
+            return None
+
+        def run_both(tensors, a, b):
+            return first(tensors[:1], a, b) + second(tensors[1:], a, b)
+        return run_both
     if not isinstance(plan, Plan) or plan.contiguous_cos or plan.dummy_cache:
         return None
     axis = _axis_tensor(args.mrope.axis_map, tensors[0].device) if plan.values["MROPE"] else None
