@@ -171,7 +171,7 @@ def main(device: str | None = None, dtype: torch.dtype = torch.bfloat16, steps: 
 
 def _backend_for(device: str) -> str:
     kind = torch.device(device).type
-    serving = [b for b in rb.backends() if b.available and (kind in b.device_types or "*" in b.device_types)]
+    serving = [b for b in rb.list_backends() if b.available and (kind in b.device_types or "*" in b.device_types)]
     return max(serving, key=lambda b: b.priority).name if serving else "none"
 
 

@@ -10,19 +10,14 @@ See README.md for backends, overrides and the numerical contract.
 
 from __future__ import annotations
 
-import importlib as _importlib
-
-# Register the built-in backends and plug-ins first: the subpackage ``rope_backends.backends``
-# shares its name with the function ``rb.backends()``, which is bound below and wins the attribute.
-_importlib.import_module(".backends", __name__)
-
+from . import backends  # registers the built-in backends and plug-ins; callable as the deprecated rb.backends()
 from . import mrope
+from .contract import Layout, MRope, RopeArgs
 from .dispatch import apply, apply_cached, apply_qk
 from .freqs import cos_sin, cos_sin_3d, cos_sin_cache, wan_dims
 from .override import use_backend
 from .rope_config import RopeConfig, rope_config
-from .registry import Backend, BackendInfo, backends, register_backend, unregister_backend
-from .spec import Layout, MRope, RopeArgs
+from .registry import Backend, BackendInfo, list_backends, register_backend, unregister_backend
 
 __version__ = "0.1.0"
 
@@ -40,7 +35,7 @@ __all__ = [
     "MRope",
     "mrope",
     "use_backend",
-    "backends",
+    "list_backends",
     "register_backend",
     "unregister_backend",
     "Backend",

@@ -90,7 +90,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         _p(f"  {kind:<5} -> {_auto_backend(kind)}{note}")
     _p("")
     rows = []
-    for b in rb.backends():
+    for b in rb.list_backends():
         rows.append([b.name, str(b.priority), ", ".join(b.device_types) or "-",
                      ", ".join(b.explicit_device_types) or "-", "yes" if b.available else "no", b.reason or ""])
     _p(_table(rows, ["backend", "priority", "serves", "also when named", "available", "reason"]))
@@ -130,8 +130,8 @@ def _expect_device(device: str | None) -> str:
 def _expectation(expect: str, device: str) -> list[str]:
     """Problems with automatic dispatch on ``device`` (empty: it picks ``expect`` for every
     kind of call: both layouts, every dtype, cos/sin tables, positions, MRoPE)."""
-    from . import mrope, ops
-    from .spec import args_for_cached, args_for_tables
+    from . import mrope, registry
+    from .validation import args_for_cached, args_for_tables
 
     problems = []
     dev = torch.device(device)
@@ -151,7 +151,7 @@ def _expectation(expect: str, device: str) -> list[str]:
             }
             for what, a in calls.items():
                 try:
-                    got = ops.resolve(a, None).name
+                    got = registry.resolve(a, None).name
                 except ValueError as exc:
                     got = f"error: {str(exc).splitlines()[0]}"
                 if got != expect:

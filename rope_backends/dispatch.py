@@ -1,25 +1,31 @@
 """The public calls: validate -> pick the backend for the tensors' device -> run it.
 
-Imports no backend. Eager calls that need no gradient go straight to the backend's ``forward``
-through a cached selection (a dict lookup); eager calls that need one, and every call under a
-functorch transform (``torch.func.vmap``/``grad``/``jvp``/``jacrev``/``jacfwd``) or a forward-AD
-level (``torch.autograd.forward_ad``), go through a plain ``autograd.Function`` around the backend
-(ops.py: backward, ``jvp`` and ``vmap`` rules; in place, the out-of-place result is then copied
-into the targets, so tangents and batches follow the copy); calls under ``torch.compile``, a
-TorchDispatchMode (make_fx, FakeTensorMode, ...) or a jit trace go through the custom ops in
-ops.py, which those see as one op and which carry the backward.
+Imports no backend. After validation, one routing function (:func:`_route`) decides how every
+call runs (docs/contract.md, "Dispatch"): eager calls that need no gradient go straight to the
+backend's ``forward`` through a cached selection (a dict lookup); eager calls that need one, and
+every call under a functorch transform (``torch.func.vmap``/``grad``/``jvp``/``jacrev``/``jacfwd``)
+or a forward-AD level (``torch.autograd.forward_ad``), go through a plain ``autograd.Function``
+around the backend (autograd.py: backward, ``jvp`` and ``vmap`` rules; in place, the out-of-place
+result is then copied into the targets, so tangents and batches follow the copy); calls under
+``torch.compile``, a TorchDispatchMode (make_fx, FakeTensorMode, ...) or a jit trace go through
+the custom ops of ops.py, which those see as one op and which carry the backward.
 
 The repeated call: a call's *signature* (every type, shape, stride, dtype, device, grad flag and
 option that validation reads) together with the override state keys a runner that the selected
 backend prepared for that signature (``Backend.prepare``). A call whose signature was validated
 before runs that runner directly: no re-validation, no selection, no planning. That is what keeps
 the host time of ``rb.apply`` near that of launching the kernel by hand. Addresses are not in a
-signature, so each runner comes with a memory guard (spec.memory_guard): a few address
+signature, so each runner comes with a memory guard (memory.memory_guard): a few address
 comparisons that hold while the tensors that must not overlap keep disjoint byte ranges or the
 distance validated for them; otherwise the call takes the full checks. Each runner is kept with
 the registry generation read *before* its backend was selected and run, and is used only while
 that generation is current: a registry change (``registry.invalidate``), even one made from
 inside a backend's forward or by another thread during the call, retires it.
+
+The repeated-call lookups stay inline in each public function, before validation: the
+C++-guarded recent signatures (``_RECENT_*``), then the signature key, spelled out field by field
+(tests/test_dispatch.py checks that the three keys carry the same fields). They are the measured
+host cost of a repeated call; everything after them runs once per new signature.
 """
 
 from __future__ import annotations
@@ -29,10 +35,11 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from . import ops, override, reference, registry
-from .spec import (Layout, MRope, RopeArgs, args_for_cached, args_for_tables, check_partial_rotary,
-                   check_position_range,
-                   dispatch_modes, jit_trace_state, memory_guard, position_range_checked, traced)
+from . import autograd, ops, override, reference, registry  # noqa: F401  (ops: registers the custom ops)
+from .contract import Layout, MRope, RopeArgs
+from .memory import memory_guard
+from .modes import dispatch_modes, functorch_transform, jit_trace_state, position_range_checked, traced
+from .validation import args_for_cached, args_for_tables, check_partial_rotary, check_position_range
 
 __all__ = ["apply", "apply_qk", "apply_cached"]
 
@@ -54,7 +61,7 @@ _traced = traced  # a mode or trace watching: it must see the call as one op (th
 # What a repeated call checks before taking a prepared runner (inline, it runs on every call): no
 # torch.func transform (wrapped tensors), no forward-AD level (dual tensors), no dispatch mode
 # and no jit trace watching (_traced)
-_transform = ops._peek_interpreter_stack
+_transform = functorch_transform
 _forward_ad = torch.autograd.forward_ad  # _current_level: -1 outside every dual_level()
 _modes = dispatch_modes
 _jit_trace = jit_trace_state
@@ -70,7 +77,7 @@ def _may_take_runner(inplace: object, compiling: bool) -> bool:
 
 def _transforming() -> bool:
     """A functorch transform or a forward-AD level is active: the call goes through the autograd
-    Function (ops._EagerRotation), whose rules hand the backend plain tensors."""
+    Function (autograd._EagerRotation), whose rules hand the backend plain tensors."""
     return _transform() is not None or _forward_ad._current_level >= 0
 
 
@@ -202,48 +209,114 @@ def _cached_opts(layout, rotary_dim, mrope, inplace, head_dim, backend, no_k) ->
             _grad_enabled(), _override_context.get(), _env_raw(), _debug_raw(), no_k)
 
 
-def _eager_autograd(key: tuple | None, args: RopeArgs, backend: str | None,
-                    rotated: tuple, read: tuple) -> Callable | None:
-    """The runner for an out-of-place table call that needs a gradient, in eager mode: a plain
-    ``autograd.Function`` around the backend (ops.eager_autograd_runner), kept under ``key`` like
-    any runner. None (the custom op then) for tensor subclasses other than Parameter (FakeTensor,
-    DTensor, ...), which the custom op's registrations serve."""
-    if args.inplace or not all(type(t) in _AUTOGRAD_TYPES for t in args.tensors):
-        return None
-    generation = _GENERATION[0]
-    run = ops.eager_autograd_runner(ops.resolve(args, backend), args)
-    if key is not None:
-        _keep(key, _tables_checked(run, args), generation, memory_guard(rotated, read, False))
-    return run
+_AUTOGRAD_TYPES = (Tensor, torch.nn.Parameter)  # what the eager autograd path serves (see _route)
 
 
-_AUTOGRAD_TYPES = (Tensor, torch.nn.Parameter)
+def _route(args: RopeArgs, backend: str | None, key: tuple | None, passed: tuple, recent: list,
+           opts: tuple | None, source: RopeArgs | None = None) -> tuple[Tensor, ...]:
+    """How a validated call runs: the one place that chooses, for all three public calls.
+
+    - under a functorch transform or a forward-AD level: autograd.py's Function, out of place
+      (its jvp and vmap rules), then copied into the targets when in place (:func:`_transformed`);
+    - needing a gradient in eager mode: the eager autograd runner (autograd.py), kept under ``key``;
+    - under torch.compile, a dispatch mode or a jit trace, and for gradient calls on tensor
+      subclasses other than Parameter (FakeTensor, DTensor, ... which the custom op's
+      registrations serve): the custom op (ops.py), seen as one op;
+    - otherwise: the backend directly, its prepared runner kept under ``key``.
+
+    ``args``: validated table args, or cached args that need no gradient. ``source``: the cached
+    args that ``args`` were gathered from (apply_cached with a gradient or under a transform).
+    ``passed``: the caller's tensors as a kept runner receives them: the rotated ones, then cos,
+    sin as passed (or positions, cache). ``recent``, ``opts``: the recent-signature list a kept
+    runner joins and its options tuple (None when ``key`` is). Returns one output per
+    ``args.tensors`` (in place: the targets). Nothing is written before every check has run.
+    """
+    compiling = _is_compiling()
+    if not compiling and _transforming():
+        return _transformed(args, backend, "cos" if source is None else "cos_sin_cache")
+    watched = compiling or _traced()
+    grad = _grad_enabled() and any(t.requires_grad for t in args.tensors)
+    if grad and not watched and not args.inplace and all(type(t) in _AUTOGRAD_TYPES for t in args.tensors):
+        return _eager_autograd(args, backend, key, passed, recent, opts, source)
+    if watched or grad:
+        return _through_ops(args, backend)
+    return _direct(args, backend, key, passed, recent, opts)
 
 
-def _run_and_remember(key: tuple | None, args: RopeArgs, backend: str | None, rotated: tuple, read: tuple,
-                      check_positions: bool = False) -> tuple[Tensor, ...]:
+def _kept(key: tuple | None, run: Callable, generation: int, passed: tuple, rotated: int, inplace: bool,
+          recent: list, opts: tuple | None) -> None:
+    """Keep ``run`` under ``key`` with the memory guard of the caller's tensors ``passed`` (the
+    first ``rotated`` of them rotated), and put it at the front of the recent signatures."""
+    if key is None:
+        return
+    _keep(key, run, generation, memory_guard(passed[:rotated], passed[rotated:], inplace))
+    _remember_recent(recent, key, opts, passed)
+
+
+def _direct(args: RopeArgs, backend: str | None, key: tuple | None, passed: tuple, recent: list,
+            opts: tuple | None) -> tuple[Tensor, ...]:
     """Run the call on its backend, then keep the backend's prepared runner for the signature. The
     generation is read first: if the registry changes while the backend runs (the backend itself,
     or another thread, registering or removing one), nothing is kept for the new generation."""
     generation = _GENERATION[0]
-    chosen = ops.resolve(args, backend)
+    chosen = registry.resolve(args, backend)
     outs = chosen.forward(args)
     if key is not None and chosen.prepare is not None and generation == _GENERATION[0]:
         run = chosen.prepare(args)
         if run is not None:
-            if check_positions:
+            if args.cache is not None and position_range_checked(args.positions):
                 run = _range_checked(run)
-            _keep(key, _tables_checked(run, args), generation, memory_guard(rotated, read, args.inplace))
+            _kept(key, _tables_checked(run, args), generation, passed, len(args.tensors), args.inplace, recent, opts)
     return outs
 
 
-def _transformed(args: RopeArgs, backend: str | None, tables: str = "cos") -> tuple[Tensor, ...]:
+def _eager_autograd(args: RopeArgs, backend: str | None, key: tuple | None, passed: tuple, recent: list,
+                    opts: tuple | None, source: RopeArgs | None) -> tuple[Tensor, ...]:
+    """An out-of-place table call that needs a gradient, in eager mode: a plain
+    ``autograd.Function`` around the backend (autograd.eager_autograd_runner), kept under ``key``
+    like any runner (for apply_cached, behind the gather from the cache: :func:`_gathering`)."""
+    generation = _GENERATION[0]
+    run = autograd.eager_autograd_runner(registry.resolve(args, backend), args)
+    kept = _tables_checked(run, args) if source is None else _gathering(run, source)
+    _kept(key, kept, generation, passed, len(args.tensors), False, recent, opts)
+    return run(args.tensors, args.cos, args.sin)
+
+
+def _gathering(run: Callable, cached: RopeArgs) -> Callable:
+    """For apply_cached with a gradient: a runner of the cached form ``(tensors, positions, cache)``,
+    ``tensors`` the caller's q/k in the shapes it passed, that checks the positions where
+    validation did, gathers cos/sin (the reference lookup) and runs the table runner ``run``;
+    outputs come back in the caller's shapes."""
+    shapes = tuple(t.shape for t in cached.tensors)
+    axis_map = cached.position_axis_map
+    check = position_range_checked(cached.positions)
+
+    def gathered(tensors, positions, cache):
+        if check:
+            check_position_range(positions, cache)
+        cos, sin = reference.cos_sin_from_cache(positions, cache, axis_map)
+        views = tuple(t if t.shape == shape else t.view(shape) for t, shape in zip(tensors, shapes))
+        outs = run(views, cos.unsqueeze(-2), sin.unsqueeze(-2))
+        return tuple(o if o.shape == t.shape else o.view(t.shape) for o, t in zip(outs, tensors))
+    return gathered
+
+
+def _gathered_tables(args: RopeArgs) -> RopeArgs:
+    """Cached args as table args: cos/sin gathered from the cache (the reference lookup, tensor ops
+    that autograd and every transform follow), broadcast over the heads."""
+    cos, sin = reference.cos_sin_from_cache(args.positions, args.cache, args.position_axis_map)
+    return RopeArgs(args.tensors, args.inplace, args.layout, args.rotary_dim,
+                    cos=cos.unsqueeze(-2), sin=sin.unsqueeze(-2))
+
+
+def _transformed(args: RopeArgs, backend: str | None, tables: str) -> tuple[Tensor, ...]:
     """A table call under a functorch transform or a forward-AD level: out of place through
-    ops._EagerRotation (its jvp and vmap rules), then, in place, copied into the targets (a
+    autograd._EagerRotation (its jvp and vmap rules), then, in place, copied into the targets (a
     tensor op, so the tangent and the batch follow the copy). Validation has run: nothing is
-    written before every result exists."""
-    rotation = ops.Rotation(ops.resolve(args, backend), args.layout, args.rotary_dim, args.conjugate, tables)
-    outs = ops.rotate(rotation, args.cos, args.sin, args.tensors)
+    written before every result exists. ``tables``: the caller's name for cos/sin, for errors."""
+    rotation = autograd.Rotation(registry.resolve(args, backend), args.layout, args.rotary_dim, args.conjugate,
+                                 tables)
+    outs = autograd.rotate(rotation, args.cos, args.sin, args.tensors)
     if not args.inplace:
         return outs
     for t, out in zip(args.tensors, outs):
@@ -251,18 +324,31 @@ def _transformed(args: RopeArgs, backend: str | None, tables: str = "cos") -> tu
     return args.tensors
 
 
-def _through_ops(args: RopeArgs) -> bool:
-    if torch.compiler.is_compiling() or _traced():
-        return True
-    return torch.is_grad_enabled() and any(t.requires_grad for t in args.tensors)
-
-
-def _op_backend(args: RopeArgs, backend: str | None) -> str:
-    """Under compile the op resolves the backend when it runs; in eager, resolve now so a bad
-    override fails here and forward and backward run on the same backend."""
-    if torch.compiler.is_compiling():
-        return backend or ""
-    return ops.resolve(args, backend).name
+def _through_ops(args: RopeArgs, backend: str | None) -> tuple[Tensor, ...]:
+    """The call as one custom op of ops.py (the op for its kind: tables for one tensor or q and k,
+    or positions into a cache; in place or not)."""
+    # under compile the op resolves the backend when it runs; in eager, resolve now so a bad
+    # override fails here and forward and backward run on the same backend
+    name = (backend or "") if _is_compiling() else registry.resolve(args, backend).name
+    lib = torch.ops.rope_backends
+    if args.cache is None:
+        fixed = (args.cos, args.sin, args.layout.value, args.rotary_dim, args.conjugate, name)
+        if len(args.tensors) == 1:
+            if args.inplace:
+                lib.rope_(args.tensors[0], *fixed)
+                return args.tensors
+            return (lib.rope(args.tensors[0], *fixed),)
+        if args.inplace:
+            lib.rope_qk_(*args.tensors, *fixed)
+            return args.tensors
+        return tuple(lib.rope_qk(*args.tensors, *fixed))
+    axis_map = list(args.mrope.axis_map) if args.mrope is not None else None
+    k = args.tensors[1] if len(args.tensors) == 2 else None
+    fixed = (args.positions, args.cache, axis_map, args.layout.value, args.rotary_dim, name)
+    if args.inplace:
+        lib.rope_cached_(args.tensors[0], k, *fixed)
+        return args.tensors
+    return tuple(lib.rope_cached(args.tensors[0], k, *fixed))
 
 
 def apply(
@@ -329,24 +415,9 @@ def apply(
     if key is not None and not _cacheable((x, cos, sin), layout, rotary_dim, backend):
         key = None  # tensor subclasses, odd option types: always the full path
     _check_backend(backend, compiling)
-    named = (("x", x),)
-    args = args_for_tables(named, cos, sin, layout, rotary_dim, inplace)
-    if not compiling and _transforming():
-        return _transformed(args, backend)[0]
-    if _through_ops(args):
-        run = None if compiling or _traced() else _eager_autograd(key, args, backend, (x,), (cos, sin))
-        if run is not None:
-            _remember_recent(_RECENT_APPLY, key, _apply_opts(layout, rotary_dim, inplace, backend), (x, cos, sin))
-            return run((x,), cos, sin)[0]
-        name = _op_backend(args, backend)
-        fixed = (args.cos, args.sin, args.layout.value, args.rotary_dim, False, name)
-        if inplace:
-            torch.ops.rope_backends.rope_(x, *fixed)
-            return x
-        return torch.ops.rope_backends.rope(x, *fixed)
-    out = _run_and_remember(key, args, backend, (x,), (cos, sin))[0]
-    _remember_recent(_RECENT_APPLY, key, _apply_opts(layout, rotary_dim, inplace, backend), (x, cos, sin))
-    return out
+    args = args_for_tables((("x", x),), cos, sin, layout, rotary_dim, inplace)
+    opts = _apply_opts(layout, rotary_dim, inplace, backend) if key is not None else None
+    return _route(args, backend, key, (x, cos, sin), _RECENT_APPLY, opts)[0]
 
 
 def apply_qk(
@@ -399,26 +470,9 @@ def apply_qk(
     if key is not None and not _cacheable((q, k, cos, sin), layout, rotary_dim, backend):
         key = None
     _check_backend(backend, compiling)
-    named = (("q", q), ("k", k))
-    args = args_for_tables(named, cos, sin, layout, rotary_dim, inplace)
-    if not compiling and _transforming():
-        q_out, k_out = _transformed(args, backend)
-        return q_out, k_out
-    if _through_ops(args):
-        run = None if compiling or _traced() else _eager_autograd(key, args, backend, (q, k), (cos, sin))
-        if run is not None:
-            _remember_recent(_RECENT_QK, key, _apply_opts(layout, rotary_dim, inplace, backend), (q, k, cos, sin))
-            q_out, k_out = run((q, k), cos, sin)
-            return q_out, k_out
-        name = _op_backend(args, backend)
-        fixed = (args.cos, args.sin, args.layout.value, args.rotary_dim, False, name)
-        if inplace:
-            torch.ops.rope_backends.rope_qk_(q, k, *fixed)
-            return q, k
-        q_out, k_out = torch.ops.rope_backends.rope_qk(q, k, *fixed)
-        return q_out, k_out
-    q_out, k_out = _run_and_remember(key, args, backend, (q, k), (cos, sin))
-    _remember_recent(_RECENT_QK, key, _apply_opts(layout, rotary_dim, inplace, backend), (q, k, cos, sin))
+    args = args_for_tables((("q", q), ("k", k)), cos, sin, layout, rotary_dim, inplace)
+    opts = _apply_opts(layout, rotary_dim, inplace, backend) if key is not None else None
+    q_out, k_out = _route(args, backend, key, (q, k, cos, sin), _RECENT_QK, opts)
     return q_out, k_out
 
 
@@ -511,46 +565,18 @@ def apply_cached(
         key = None
     _check_backend(backend, compiling)
     args, originals = args_for_cached(q, k, positions, cos_sin_cache, layout, rotary_dim, mrope, inplace, head_dim)
-    transforming = not compiling and _transforming()
-    if transforming:
-        # gather cos/sin (the reference lookup: tensor ops, which every transform follows), then
-        # the table path's autograd Function
-        cos, sin = reference.cos_sin_from_cache(args.positions, args.cache, args.position_axis_map)
-        tables = RopeArgs(args.tensors, inplace, args.layout, args.rotary_dim,
-                          cos=cos.unsqueeze(-2), sin=sin.unsqueeze(-2))
-        outs = _transformed(tables, backend, "cos_sin_cache")
-        if inplace:
-            return originals[0], (originals[1] if k is not None else None)
-        q_out = outs[0].reshape(originals[0].shape)
-        return q_out, (outs[1].reshape(originals[1].shape) if k is not None else None)
-    if not inplace and torch.is_grad_enabled() and any(t.requires_grad for t in args.tensors):
-        # training through a cache: gather cos/sin (the reference lookup), then the autograd op
-        cos, sin = reference.cos_sin_from_cache(args.positions, args.cache, args.position_axis_map)
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-        if k is None:
-            out = apply(args.tensors[0], cos, sin, layout=args.layout, rotary_dim=args.rotary_dim, backend=backend)
-            return out.view(originals[0].shape), None
-        q_out, k_out = apply_qk(*args.tensors, cos, sin, layout=args.layout, rotary_dim=args.rotary_dim, backend=backend)
-        return q_out.view(originals[0].shape), k_out.view(originals[1].shape)
-    if torch.compiler.is_compiling() or _traced():
-        axis_map = list(args.mrope.axis_map) if args.mrope is not None else None
-        k_view = args.tensors[1] if k is not None else None
-        fixed = (args.positions, args.cache, axis_map, args.layout.value, args.rotary_dim, _op_backend(args, backend))
-        if inplace:
-            torch.ops.rope_backends.rope_cached_(args.tensors[0], k_view, *fixed)
-            outs = args.tensors
-        else:
-            outs = tuple(torch.ops.rope_backends.rope_cached(args.tensors[0], k_view, *fixed))
+    opts = _cached_opts(layout, rotary_dim, mrope, inplace, head_dim, backend, k is None) if key is not None else None
+    passed = (*originals, args.positions, args.cache)
+    if (not compiling and _transforming()) or (
+            not inplace and _grad_enabled() and any(t.requires_grad for t in args.tensors)):
+        # a derivative is asked for: the table path on cos/sin gathered from the cache (the custom
+        # cached ops have no autograd); its runner is kept behind the gather (_gathering)
+        outs = _route(_gathered_tables(args), backend, key, passed, _RECENT_CACHED, opts, source=args)
     else:
-        # a runner is handed the caller's tensors: out of place, those must be args' own views
-        # (not a 2-D [T, H*D] reshaped)
+        # a backend's runner is handed the caller's tensors: out of place, those must be args' own
+        # views (not a 2-D [T, H*D] reshaped)
         remember = inplace or all(a is b for a, b in zip(originals, args.tensors))
-        outs = _run_and_remember(key if remember else None, args, backend, tuple(originals),
-                                 (args.positions, args.cache), position_range_checked(args.positions))
-        if remember:
-            _remember_recent(_RECENT_CACHED, key, _cached_opts(layout, rotary_dim, mrope, inplace, head_dim, backend,
-                                                               k is None),
-                             (q, positions, cos_sin_cache) if k is None else (q, k, positions, cos_sin_cache))
+        outs = _route(args, backend, key if remember else None, passed, _RECENT_CACHED, opts)
     if inplace:
         return originals[0], (originals[1] if k is not None else None)
     q_out = outs[0].view(originals[0].shape)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from .positions import rope_index  # the position ids these maps consume (Qwen-VL get_rope_index)
-from .spec import MRope
+from .contract import MRope
 
 __all__ = ["MRope", "chunked", "interleaved", "ernie", "rope_index"]
 

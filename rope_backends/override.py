@@ -10,7 +10,10 @@ a pair without a device or a name (``"cuda:"``), a device type that no
 registered backend declares and that is not one of cpu/cuda/npu (``gpu:triton``, ``CPU:npu``), a
 device type named twice (``cpu:eager,cpu:npu``). An unset or empty ``ROPE_BACKEND`` means no
 override. Whether the named backend exists and serves the device is checked at selection
-(registry.py), where the candidates are listed.
+(registry.py, which asks :func:`requested` here), where the candidates are listed.
+
+This module imports no other rope_backends module: the registry tells it which device types the
+registered backends declare (:func:`declare_device_types`).
 """
 
 from __future__ import annotations
@@ -19,11 +22,10 @@ import contextlib
 import contextvars
 import functools
 import os
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
-from . import registry
-
-__all__ = ["use_backend", "requested", "parse", "raw_env", "known_device_types", "check_argument"]
+__all__ = ["use_backend", "requested", "parse", "raw_env", "known_device_types", "check_argument",
+           "declare_device_types"]
 
 ENV = "ROPE_BACKEND"
 _ALL = "*"
@@ -33,12 +35,24 @@ _env_cache: tuple[object, Mapping[str, str] | None] = (None, None)  # (stored va
 
 BASE_DEVICE_TYPES = ("cpu", "cuda", "npu")
 
+# The device types the registered backends declare, as registry.py last reported them, and a
+# counter bumped with every report: a string parsed before a report is parsed again after it.
+_declared: frozenset[str] = frozenset()
+_DECLARED_VERSION = [0]
+
+
+def declare_device_types(device_types: Iterable[str]) -> None:
+    """What the registered backends declare in ``device_types`` (registry.py calls this whenever
+    the registry changes)."""
+    global _declared
+    _declared = frozenset(device_types) - {_ALL}
+    _DECLARED_VERSION[0] += 1
+
 
 def known_device_types() -> tuple[str, ...]:
     """Device types an override may name: cpu, cuda, npu and every type a registered backend
     declares in ``device_types``."""
-    declared = {d for b in registry._REGISTRY.values() for d in b.device_types if d != registry.ANY_DEVICE}
-    return tuple(sorted(declared | set(BASE_DEVICE_TYPES)))
+    return tuple(sorted(_declared | set(BASE_DEVICE_TYPES)))
 
 
 def parse(spec: str | Mapping[str, str], source: str = "backend") -> Mapping[str, str]:
@@ -77,8 +91,8 @@ def parse(spec: str | Mapping[str, str], source: str = "backend") -> Mapping[str
     return dict(items)
 
 
-_ARGUMENTS: dict[str, Mapping[str, str]] = {}  # backend= strings with pairs, parsed (per registry generation)
-_ARGUMENTS_GENERATION = [-1]
+_ARGUMENTS: dict[str, Mapping[str, str]] = {}  # backend= strings with pairs, parsed (per declared version)
+_ARGUMENTS_VERSION = [-1]
 
 
 def check_argument(argument: object) -> None:
@@ -92,9 +106,9 @@ def check_argument(argument: object) -> None:
 
 
 def _argument(argument: str) -> Mapping[str, str]:
-    if _ARGUMENTS_GENERATION[0] != registry._GENERATION[0]:
+    if _ARGUMENTS_VERSION[0] != _DECLARED_VERSION[0]:
         _ARGUMENTS.clear()
-        _ARGUMENTS_GENERATION[0] = registry._GENERATION[0]
+        _ARGUMENTS_VERSION[0] = _DECLARED_VERSION[0]
     parsed = _ARGUMENTS.get(argument)
     if parsed is None:
         if ":" not in argument and "," not in argument and argument.strip() == argument and argument:
@@ -146,10 +160,10 @@ _env_raw = raw_env(ENV)
 
 
 def _env() -> Mapping[str, str] | None:
-    """ROPE_BACKEND parsed, re-parsed only when its stored value (or the registry: the device
-    types it may name) changes. Unset or empty: None."""
+    """ROPE_BACKEND parsed, re-parsed only when its stored value (or the device types it may
+    name) changes. Unset or empty: None."""
     global _env_cache
-    raw = (_env_raw(), registry._GENERATION[0])
+    raw = (_env_raw(), _DECLARED_VERSION[0])
     if raw != _env_cache[0]:
         text = os.environ.get(ENV)
         _env_cache = (raw, parse(text, ENV) if text else None)

@@ -61,7 +61,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .spec import debug_checks
+from .contract import INT_DTYPES
+from .modes import debug_checks
 
 __all__ = ["rope_index", "VARIANTS", "CONVENTIONS", "PATHS", "HOST_PATH_MAX_TOKENS"]
 
@@ -71,9 +72,6 @@ PATHS = ("auto", "device", "host")
 #: ``path="auto"`` computes GPU inputs of at most this many tokens (``B * S``) on the host: there
 #: the device path is bound by its fixed number of kernel launches, and one transfer costs less.
 HOST_PATH_MAX_TOKENS = 32768
-
-_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-
 
 @dataclass
 class _Call:
@@ -197,7 +195,7 @@ def _need_grid(name: str, grid: object) -> Tensor | None:
         return None
     if not isinstance(grid, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor [num, 3] or None, got {type(grid).__name__}")
-    if grid.dtype not in _INT_DTYPES:
+    if grid.dtype not in INT_DTYPES:
         raise TypeError(f"{name}: expected an integer dtype, got {grid.dtype}")
     if grid.dim() != 2 or grid.shape[1] != 3:
         raise ValueError(f"{name}: expected shape [num, 3] (t, h, w), got {tuple(grid.shape)}")
@@ -221,7 +219,7 @@ def _validate(
 ) -> _Call | tuple[Tensor, Tensor]:
     if not isinstance(input_ids, Tensor):
         raise TypeError(f"input_ids: expected a torch.Tensor [B, S], got {type(input_ids).__name__}")
-    if input_ids.dtype not in _INT_DTYPES:
+    if input_ids.dtype not in INT_DTYPES:
         raise TypeError(f"input_ids: expected an integer dtype, got {input_ids.dtype}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids: expected shape [B, S], got {tuple(input_ids.shape)}")
@@ -271,7 +269,7 @@ def _validate(
     b, s = input_ids.shape
     attention_mask = _need_bs("attention_mask", attention_mask, b, s)
     types = _need_bs("mm_token_type_ids", mm_token_type_ids, b, s)
-    if types is not None and (types.dtype not in _INT_DTYPES):
+    if types is not None and (types.dtype not in INT_DTYPES):
         raise TypeError(f"mm_token_type_ids: expected an integer dtype, got {types.dtype}")
     images = _need_grid("image_grid_thw", image_grid_thw)
     videos = _need_grid("video_grid_thw", video_grid_thw)

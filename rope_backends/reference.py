@@ -33,7 +33,7 @@ from __future__ import annotations
 from torch import Tensor
 import torch
 
-from .spec import Layout, RopeArgs
+from .contract import Layout, RopeArgs
 
 __all__ = ["rotate", "cos_sin_from_cache", "run"]
 

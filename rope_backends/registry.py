@@ -1,10 +1,12 @@
 """The backend registry and selection. Names no backend.
 
-A backend is a :class:`Backend` record registered with :func:`register_backend`. :func:`select`
-filters by the tensors' device type, availability and ``supports``, sorts by priority, and caches
-the result per (device type, requested name, feature key), so dispatch is a dict lookup.
-An explicit request that cannot be honoured raises and lists every candidate with its reason:
-there is never a silent fallback.
+A backend is a :class:`Backend` record registered with :func:`register_backend`. :func:`resolve`
+is the whole choice for one call, strongest first: the ``backend=`` argument, ``use_backend``,
+``ROPE_BACKEND`` (override.py parses those), then priority. :func:`select` filters by the
+tensors' device type, availability and ``supports``, sorts by priority, and caches the result
+per (device type, requested name, feature key), so dispatch is a dict lookup. An explicit
+request that cannot be honoured raises and lists every candidate with its reason: there is
+never a silent fallback.
 
 Run-time changes (:func:`register_backend`, :func:`unregister_backend`, :func:`invalidate`) bump
 ``_GENERATION``. Every cache here and in dispatch.py reads the generation *before* the work it
@@ -22,10 +24,11 @@ from typing import Callable
 
 from torch import Tensor
 
-from .spec import RopeArgs
+from . import override
+from .contract import RopeArgs
 
-__all__ = ["Backend", "BackendInfo", "register_backend", "unregister_backend", "select", "backends", "get",
-           "invalidate", "prepare_forward"]
+__all__ = ["Backend", "BackendInfo", "register_backend", "unregister_backend", "resolve", "select",
+           "list_backends", "get", "invalidate", "prepare_forward"]
 
 log = logging.getLogger("rope_backends")
 
@@ -101,7 +104,7 @@ class Backend:
 
 @dataclass(frozen=True)
 class BackendInfo:
-    """What ``rb.backends()`` reports for one backend."""
+    """What ``rb.list_backends()`` reports for one backend."""
 
     name: str
     device_types: tuple[str, ...]
@@ -130,9 +133,11 @@ def prepare_forward(forward: Callable[[RopeArgs], tuple[Tensor, ...]]) -> Callab
 
 
 def invalidate() -> None:
-    """Drop every cached selection and, through the generation number, every prepared runner."""
+    """Drop every cached selection and, through the generation number, every prepared runner;
+    tell override.py which device types the registered backends now declare."""
     _GENERATION[0] += 1
     _SELECTED.clear()
+    override.declare_device_types({d for b in _REGISTRY.values() for d in b.device_types if d != ANY_DEVICE})
 
 
 def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
@@ -167,7 +172,7 @@ def _probe(backend: Backend) -> str | None:
         return f"probe raised {type(exc).__name__}: {exc}"
 
 
-def backends() -> list[BackendInfo]:
+def list_backends() -> list[BackendInfo]:
     """Every registered backend with its availability here, highest priority first."""
     infos = []
     for b in sorted(_REGISTRY.values(), key=lambda b: (-b.priority, b.name)):
@@ -199,6 +204,14 @@ def _candidates_report(device_type: str, args: RopeArgs | None) -> str:
     for b in sorted(_REGISTRY.values(), key=lambda b: (-b.priority, b.name)):
         lines.append(f"  {b.name}: {_why_not(b, device_type, args, explicit=True) or 'ok'}")
     return "\n".join(lines)
+
+
+def resolve(args: RopeArgs, backend: str | None) -> Backend:
+    """The backend for this call: the ``backend=`` argument > ``use_backend`` > ``ROPE_BACKEND`` >
+    priority, on the device type of ``args.tensors[0]``."""
+    device_type = args.tensors[0].device.type
+    name, source = override.requested(device_type, backend or None)
+    return select(device_type, args, name, source)
 
 
 def select(device_type: str, args: RopeArgs | None, requested: str | None = None, source: str = "backend") -> Backend:

@@ -20,7 +20,8 @@ import torch
 
 import rope_backends as rb
 from rope_backends import dispatch, reference
-from rope_backends.spec import Layout, RopeArgs, args_for_tables
+from rope_backends.contract import Layout, RopeArgs
+from rope_backends.validation import args_for_tables
 from rope_backends.testing.check import bitwise_mismatches
 from rope_backends.testing.make import special_values
 

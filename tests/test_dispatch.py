@@ -193,12 +193,12 @@ def test_errors_list_the_candidates(fakes):
         rb.apply(x, c, s, backend="rb_nope")
     msg = str(info.value)
     assert msg.startswith("backend: expected a registered backend name, got 'rb_nope'")
-    for b in rb.backends():
+    for b in rb.list_backends():
         assert f"  {b.name}: " in msg
     assert "needs the moon" in msg and "ZeroDivisionError" in msg
     with pytest.raises(ValueError, match="rb_broken.*unavailable: needs the moon"):
         rb.apply(x, c, s, backend="rb_broken")
-    infos = {b.name: b for b in rb.backends()}
+    infos = {b.name: b for b in rb.list_backends()}
     assert infos["rb_broken"].available is False and infos["rb_broken"].reason == "needs the moon"
     assert infos["eager"].available and infos["eager"].device_types == ("*",)
 
@@ -267,7 +267,7 @@ def test_entry_point_plugins(monkeypatch, fakes):
     monkeypatch.setattr(backends_module, "plugin_errors", {})
     backends_module.load_plugins()
     assert seen_groups == ["rope_backends.backends"]
-    assert "rb_plugin_fn" in {b.name for b in rb.backends()}
+    assert "rb_plugin_fn" in {b.name for b in rb.list_backends()}
     assert backends_module.plugin_errors == {"broken": "ImportError: no such module rb_missing"}
     x, c, s = _xcs()
     assert _which(fakes, lambda: rb.apply(x, c, s, backend="rb_plugin_fn")) == "rb_plugin_fn"
@@ -466,7 +466,7 @@ def test_cli_info(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "GPU vendor  AMD (ROCm" in out and "cuda:0 AMD Instinct MI300X" in out
     assert "cpu   -> eager" in out
-    for b in rb.backends():
+    for b in rb.list_backends():
         assert f"\n{b.name} " in out
 
 
@@ -752,7 +752,7 @@ def test_backend_unregistered_from_inside_its_own_forward(fakes):
             rb.apply(x, c, s)
             rb.apply_cached(x.clone(), None, torch.arange(4), rb.cos_sin_cache(8, 16))
         assert calls["gone"] == 1  # the first call only: it began while the backend was registered
-        assert "rb_gone" not in {b.name for b in rb.backends()}
+        assert "rb_gone" not in {b.name for b in rb.list_backends()}
     finally:
         _drop("rb_gone")
 

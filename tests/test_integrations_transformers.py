@@ -253,7 +253,7 @@ def test_cuda_tables_rb_rotations_equal_serving_bf16(family):
 
 
 def _cuda_backend() -> str:
-    serving = [b for b in rb.backends() if b.available and ("cuda" in b.device_types or "*" in b.device_types)]
+    serving = [b for b in rb.list_backends() if b.available and ("cuda" in b.device_types or "*" in b.device_types)]
     return max(serving, key=lambda b: b.priority).name
 
 

@@ -24,7 +24,7 @@ import torch
 import rope_backends as rb
 from rope_backends import mrope, platform, reference, registry
 from rope_backends.backends import npu as npu_backend
-from rope_backends.spec import Layout, MRope, RopeArgs
+from rope_backends.contract import Layout, MRope, RopeArgs
 from rope_backends.testing.check import assert_bitwise_equal
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -556,7 +556,7 @@ def test_ascend_machine_detected(unsimulated):
     assert p.npu_count == 2 and p.torch_npu == "2.5.1.post-fake" and "npu" in p.device_types()
     assert npu_backend.probe() is None
     assert registry.select("npu", None).name == "npu"
-    info = {i.name: i for i in rb.backends()}["npu"]
+    info = {i.name: i for i in rb.list_backends()}["npu"]
     assert info.available and info.reason is None
 
 
@@ -566,7 +566,7 @@ def test_torch_npu_without_device(unsimulated):
     assert platform.detect().npu_count == 0
     assert npu_backend.probe() == "torch_npu imported but no NPU device"
     assert registry.select("npu", None).name == "eager"  # the universal fallback, logged
-    info = {i.name: i for i in rb.backends()}["npu"]
+    info = {i.name: i for i in rb.list_backends()}["npu"]
     assert not info.available and info.reason == "torch_npu imported but no NPU device"
 
 
@@ -596,7 +596,7 @@ def test_import_does_not_import_torch_npu(tmp_path):
         import sys
         import rope_backends as rb
         assert 'torch_npu' not in sys.modules, 'imported at import time'
-        reason = {i.name: i for i in rb.backends()}['npu'].reason
+        reason = {i.name: i for i in rb.list_backends()}['npu'].reason
         assert 'torch_npu' in sys.modules, 'the probe should have imported it'
         print(reason)
         """

@@ -22,7 +22,7 @@ import torch
 
 import rope_backends as rb
 from rope_backends import mrope, registry
-from rope_backends.spec import RopeArgs
+from rope_backends.contract import RopeArgs
 from rope_backends.testing.check import assert_bitwise_equal
 from rope_backends.testing.optrace import OpRecorder, record
 

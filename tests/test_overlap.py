@@ -1,4 +1,4 @@
-"""Memory rules of a call (spec.py, "memory"): an in-place target that overlaps itself, q and k
+"""Memory rules of a call (memory.py): an in-place target that overlaps itself, q and k
 sharing memory, and an in-place target sharing memory with cos/sin/positions/cache are refused,
 from metadata only, before anything is written -- on the first call of a signature and on the
 repeated one (the dispatcher's prepared runner keeps a memory guard: addresses are not part of a
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import rope_backends as rb
-from rope_backends import dispatch, reference, spec
+from rope_backends import dispatch, memory, reference
 from rope_backends.testing import assert_bitwise_equal
 
 
@@ -55,7 +55,7 @@ def test_shared_memory_matches_brute_force():
         if rng.random() < 0.2:  # another dtype over the same bytes (cos of another dtype than q)
             b = storage.view(torch.float16).as_strided(b.shape, b.stride(), 2 * b.storage_offset() + rng.randint(0, 1))
         want = bool(_bytes(a) & _bytes(b))
-        got = spec.shared_memory(a, b)
+        got = memory.shared_memory(a, b)
         if got is None:
             unsure += 1
             assert trial % 2 == 0, "the search gave up on equal strides"
@@ -71,7 +71,7 @@ def test_self_overlap_matches_brute_force():
         t = _random_view(rng, storage)
         offsets = [sum(i * st for i, st in zip(idx, t.stride())) for idx in _indices(t.shape)]
         want = len(offsets) != len(set(offsets))
-        got = spec.self_overlap(t)
+        got = memory.self_overlap(t)
         assert got is not None and got == want, (t.shape, t.stride())
 
 
@@ -90,19 +90,19 @@ def test_fused_qkv_views_are_exactly_apart():
     for T, hq, hk, d in ((1, 4, 2, 16), (7, 32, 8, 128), (5, 3, 3, 80)):
         qkv = torch.empty(T, (hq + 2 * hk) * d)
         q, k = qkv[:, : hq * d].view(T, hq, d), qkv[:, hq * d: (hq + hk) * d].view(T, hk, d)
-        assert spec.shared_memory(q, k) is False
+        assert memory.shared_memory(q, k) is False
         k_slip = qkv[:, hq * d - 1: (hq + hk) * d - 1]
-        assert spec.shared_memory(qkv[:, : hq * d], k_slip) is (T > 0)
+        assert memory.shared_memory(qkv[:, : hq * d], k_slip) is (T > 0)
 
 
 def test_memory_guard():
     q, k = torch.empty(4, 4, 16), torch.empty(4, 2, 16)
-    assert spec.memory_guard((q,), (), False) is None  # one tensor out of place: nothing to keep apart
-    guard = spec.memory_guard((q, k), (), False)
+    assert memory.memory_guard((q,), (), False) is None  # one tensor out of place: nothing to keep apart
+    guard = memory.memory_guard((q, k), (), False)
     assert guard(q, k) and guard(torch.empty(4, 4, 16), torch.empty(4, 2, 16))
     assert not guard(q, q.view(-1)[16:].as_strided((4, 2, 16), (32, 16, 1)))  # inside q's range, new distance
     buf = torch.empty(4, 6, 16)
-    fused = spec.memory_guard((buf[:, :4], buf[:, 4:]), (), False)
+    fused = memory.memory_guard((buf[:, :4], buf[:, 4:]), (), False)
     assert fused(buf[:, :4], buf[:, 4:])  # byte ranges intersect: the validated distance passes
     assert not fused(buf[:, :4], buf[:, 3:5])  # another distance: the full checks decide
 

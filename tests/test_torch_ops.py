@@ -175,12 +175,12 @@ def test_compiled_graph_follows_use_backend():
 
 
 # --------------------------------------------------------------------------------------------
-# eager autograd: a plain autograd.Function (ops._EagerRotation) instead of the custom ops
+# eager autograd: a plain autograd.Function (autograd._EagerRotation) instead of the custom ops
 
 
 def _reference_rotation(t, cos, sin, layout, conjugate=False):
     from rope_backends import reference
-    from rope_backends.spec import Layout, RopeArgs
+    from rope_backends.contract import Layout, RopeArgs
     return reference.run(RopeArgs((t,), False, Layout(layout), t.shape[-1], conjugate, cos=cos, sin=sin))[0]
 
 
@@ -353,10 +353,10 @@ def test_training_calls_skip_torchs_per_call_signature_binding(monkeypatch):
     autograd path calls the C++ apply directly. Gradients stay those of the reference."""
     import inspect
 
-    from rope_backends import ops, reference
-    from rope_backends.spec import Layout, RopeArgs
+    from rope_backends import autograd, reference
+    from rope_backends.contract import Layout, RopeArgs
 
-    if ops._c_apply is None:
+    if autograd._c_apply is None:
         pytest.skip("this torch's Function has no C++ apply to call directly")
     x = torch.randn(3, 2, 16, requires_grad=True)
     cos, sin = rb.cos_sin(torch.arange(3), 16)

@@ -30,7 +30,7 @@ import rope_backends as rb  # noqa: E402
 from rope_backends import mrope, platform, reference  # noqa: E402
 from rope_backends.backends import triton as triton_backend  # noqa: E402
 from rope_backends.backends.triton import launch, tuning  # noqa: E402
-from rope_backends.spec import Layout, MRope, RopeArgs  # noqa: E402
+from rope_backends.contract import Layout, MRope, RopeArgs  # noqa: E402
 from rope_backends.testing import assert_bitwise_equal, check_case  # noqa: E402
 from rope_backends.testing.cases import RopeCase  # noqa: E402
 from rope_backends.testing.make import special_values  # noqa: E402
@@ -635,7 +635,7 @@ def test_probe_reasons(monkeypatch):
 
 def test_importing_rope_backends_does_not_import_triton():
     """Only the probe imports triton, and only a call imports the kernel module."""
-    code = ("import sys, rope_backends as rb; a = 'triton' in sys.modules; rb.backends(); "
+    code = ("import sys, rope_backends as rb; a = 'triton' in sys.modules; rb.list_backends(); "
             "print(a, 'rope_backends.backends.triton.kernel' in sys.modules)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)

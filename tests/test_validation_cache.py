@@ -1,11 +1,11 @@
-"""The validated-signature cache in spec.args_for_tables: a hit must mean "same metadata", so it
+"""The validated-signature cache of validation.args_for_tables (signatures.py): a hit must mean "same metadata", so it
 can never let a bad call through, and it must stay bounded."""
 
 import pytest
 import torch
 
 import rope_backends as rb
-from rope_backends import spec
+from rope_backends import modes, signatures, validation
 
 
 def _inputs():
@@ -16,11 +16,11 @@ def _inputs():
 
 def test_hit_reuses_checks_and_gives_identical_results():
     x, cos, sin = _inputs()
-    spec._TABLE_SIGNATURES.clear()
+    signatures._TABLE_SIGNATURES.clear()
     first = rb.apply(x, cos, sin)
-    assert len(spec._TABLE_SIGNATURES) == 1
+    assert len(signatures._TABLE_SIGNATURES) == 1
     second = rb.apply(x, cos, sin)
-    assert len(spec._TABLE_SIGNATURES) == 1
+    assert len(signatures._TABLE_SIGNATURES) == 1
     assert torch.equal(first, second)
 
 
@@ -53,16 +53,16 @@ def test_q_is_k_is_checked_on_every_hit():
 
 
 def test_cache_is_bounded(monkeypatch):
-    monkeypatch.setattr(spec, "_MAX_SIGNATURES", 4)
-    spec._TABLE_SIGNATURES.clear()
+    monkeypatch.setattr(signatures, "_MAX_SIGNATURES", 4)
+    signatures._TABLE_SIGNATURES.clear()
     for t in range(1, 10):
         x = torch.randn(t, 2, 8)
         cos, sin = rb.cos_sin(torch.arange(t), 8)
         rb.apply(x, cos[:, None], sin[:, None])
-    assert len(spec._TABLE_SIGNATURES) <= 4
+    assert len(signatures._TABLE_SIGNATURES) <= 4
 
 
-# ---- the partial-rotary table check (spec.check_partial_rotary) --------------------------------
+# ---- the partial-rotary table check (validation.check_partial_rotary) --------------------------------
 
 def _half(n, d):
     cos, sin = rb.cos_sin(torch.arange(1, n + 1), d)
@@ -112,14 +112,14 @@ def test_partial_rotary_table(target, layout):
 
 def test_partial_rotary_values_are_read_only_where_that_costs_no_sync(monkeypatch):
     monkeypatch.delenv("ROPE_BACKENDS_DEBUG", raising=False)
-    assert spec.values_readable(torch.zeros(2))
-    assert not spec.values_readable(torch.zeros(2, device="meta"))
+    assert modes.values_readable(torch.zeros(2))
+    assert not modes.values_readable(torch.zeros(2, device="meta"))
     from unittest import mock
     device_tensor = mock.Mock(device=torch.device("cuda"))
-    with mock.patch.object(spec, "plain", lambda t: t):
-        assert not spec.values_readable(device_tensor)
+    with mock.patch.object(modes, "plain", lambda t: t):
+        assert not modes.values_readable(device_tensor)
         monkeypatch.setenv("ROPE_BACKENDS_DEBUG", "1")
-        assert spec.values_readable(device_tensor)
+        assert modes.values_readable(device_tensor)
 
 
 # ---- the C++-guarded recent-signature path of the dispatcher ---------------------------------
@@ -168,7 +168,7 @@ def test_recent_signatures_never_serve_another_call(change, monkeypatch):
     """What the C++ guard or the options tuple must tell apart from the recorded call: each change
     takes the full path (the lookup runs) and gives the reference's result."""
     from rope_backends import dispatch, reference
-    from rope_backends.spec import Layout, RopeArgs
+    from rope_backends.contract import Layout, RopeArgs
 
     if not _fast_path_available():
         pytest.skip("this torch has no torch._C._dynamo.guards.TensorGuards: the signature path alone")
@@ -204,9 +204,9 @@ def test_debug_mode_is_part_of_the_validated_signature(monkeypatch):
     from rope_backends import dispatch
 
     # pretend these CPU tensors are a GPU's: values readable only in debug mode
-    monkeypatch.setattr(spec, "values_readable", lambda t: spec.debug_checks())
+    monkeypatch.setattr(validation, "values_readable", lambda t: modes.debug_checks())
     monkeypatch.setattr(dispatch, "_RECENT_APPLY", [])
-    spec._TABLE_SIGNATURES.clear()
+    signatures._TABLE_SIGNATURES.clear()
     dispatch._RUNNERS.clear()
     x = torch.randn(4, 2, 16)
     half = torch.rand(4, 1, 4)

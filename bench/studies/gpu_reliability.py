@@ -186,7 +186,7 @@ def main() -> int:
         "device": name,
         "gpus": torch.cuda.device_count(),
         "torch": torch.__version__,
-        "backend_for_cuda": [b.name for b in rb.backends() if b.available and "cuda" in b.device_types],
+        "backend_for_cuda": [b.name for b in rb.list_backends() if b.available and "cuda" in b.device_types],
         "no_sync_and_graph": check_no_sync_and_graph(device),
         "memory": check_memory(device),
         "second_gpu": check_second_gpu(),

@@ -229,7 +229,7 @@ def _version(name: str) -> str | None:
 
 
 def _backend_for(device: torch.device) -> str:
-    serving = [b for b in rb.backends() if b.available and (device.type in b.device_types or "*" in b.device_types)]
+    serving = [b for b in rb.list_backends() if b.available and (device.type in b.device_types or "*" in b.device_types)]
     return max(serving, key=lambda b: b.priority).name if serving else "none"
 
 

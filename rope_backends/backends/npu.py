@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .. import platform, reference
 from ..registry import Backend, prepare_forward, register_backend
-from ..spec import Layout, RopeArgs
+from ..contract import Layout, RopeArgs
 
 __all__ = ["forward", "probe", "rotate", "cos_sin_from_cache"]
 

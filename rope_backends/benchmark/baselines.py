@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from ..spec import args_for_cached, args_for_tables
+from ..validation import args_for_cached, args_for_tables
 from .scenarios import HEAD_DIM, Impl, Skip, autograd_prepare
 
 __all__ = ["SAME_BYTES_COPY", "TORCH_OP", "TORCH_AUTOGRAD_OP", "EMPTY_LAUNCH", "DIRECT_LAUNCH"]

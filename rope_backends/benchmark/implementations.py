@@ -22,9 +22,10 @@ from torch import Tensor
 from .. import reference
 from ..backends import npu as npu_backend
 from ..dispatch import apply, apply_cached, apply_qk
-from ..registry import backends as backend_infos
+from ..registry import list_backends as backend_infos
 from ..registry import get as get_backend
-from ..spec import Layout, args_for_cached, args_for_tables
+from ..contract import Layout
+from ..validation import args_for_cached, args_for_tables
 from . import baselines, peers
 from .scenarios import HEAD_DIM, Case, Impl, autograd_prepare
 

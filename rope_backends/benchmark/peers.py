@@ -21,7 +21,7 @@ import os
 import torch
 from torch import Tensor
 
-from ..spec import MRope
+from ..contract import MRope
 from .scenarios import HEAD_DIM, Impl, Skip, autograd_prepare
 
 __all__ = ["for_case", "hf_formula", "gather"]

@@ -26,7 +26,7 @@ from torch import Tensor
 from .. import reference
 from ..freqs import cos_sin, cos_sin_cache
 from ..mrope import chunked, ernie, interleaved
-from ..spec import Layout, MRope
+from ..contract import Layout, MRope
 
 __all__ = ["GROUPS", "BYTE_RULE", "Case", "Impl", "Skip", "cases", "autograd_prepare"]
 

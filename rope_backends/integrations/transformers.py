@@ -286,7 +286,7 @@ class _Tables:
 
     def forward(self, x: Tensor, position_ids: Tensor, layer_type: object = None) -> tuple[Tensor, Tensor]:
         from rope_backends.reference import cos_sin_from_cache
-        from rope_backends.spec import check_position_range
+        from rope_backends.validation import check_position_range
 
         cache = self.cache(layer_type, x.device)
         if self.form in ("mrope", "per_axis"):

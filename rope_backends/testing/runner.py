@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .. import mrope as _mrope
 from .. import platform, reference, registry
-from ..spec import args_for_cached, args_for_tables
+from ..validation import args_for_cached, args_for_tables
 from . import make
 from .cases import DTYPES, ErrorCase, RopeCase, cases_for
 from .check import assert_bitwise_equal, bits
@@ -95,7 +95,7 @@ def targets(backend: str | Sequence[str] | None = None, device: str | None = Non
         device_type = torch.device(device).type
         present = tuple(d for d in present if d == device_type) or (device_type,)
     out = []
-    for info in registry.backends():
+    for info in registry.list_backends():
         if names is not None and info.name not in names:
             continue
         b = registry.get(info.name)
@@ -123,7 +123,7 @@ def targets(backend: str | Sequence[str] | None = None, device: str | None = Non
         unknown = [n for n in names if n not in {t.backend for t in out}]
         if unknown:
             raise ValueError(
-                f"backend: expected registered backend names {sorted(i.name for i in registry.backends())}, got {unknown}"
+                f"backend: expected registered backend names {sorted(i.name for i in registry.list_backends())}, got {unknown}"
             )
     return out
 

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ... import platform, registry
-from ...spec import Layout, RopeArgs
+from ...contract import Layout, RopeArgs
 from . import tuning
 
 __all__ = ["forward", "prepare", "plan_for", "set_config", "Plan", "launch_floor"]

@@ -144,7 +144,7 @@ def _call(w: Workload, d: dict) -> Callable[[], tuple]:
 
 def _reference(w: Workload, d: dict) -> tuple:
     from ... import reference
-    from ...spec import Layout, RopeArgs
+    from ...contract import Layout, RopeArgs
 
     tensors = (d["q"],) if d["k"] is None else (d["q"], d["k"])
     lay = Layout(w.layout)
@@ -165,7 +165,7 @@ def _bytes(w: Workload) -> int:
 
 def _shape_of(w: Workload, d: dict) -> tuning.Shape:
     from .launch import plan_for
-    from ...spec import Layout, RopeArgs
+    from ...contract import Layout, RopeArgs
 
     tensors = (d["q"],) if d["k"] is None else (d["q"], d["k"])
     if w.op == "apply_cached":
