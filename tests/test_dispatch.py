@@ -844,3 +844,161 @@ def test_backend_argument_takes_the_same_strings(fakes, monkeypatch):
         for _ in range(2):  # a bad string never reaches a prepared runner
             with pytest.raises(ValueError, match="^backend: expected"):
                 rb.apply(x, c, s, backend=bad)
+
+
+# ---- the routing: which path a call takes, and the inline signature keys -----------------------
+
+def _count_facade(monkeypatch) -> Counter:
+    """Count calls into ``torch.ops.rope_backends`` (the compile facade) and into the op bodies."""
+    from rope_backends import ops
+
+    calls: Counter = Counter()
+
+    class Counting:  # the op packet, counting its calls (torch looks up .default and the rest on it)
+        def __init__(self, name, packet):
+            self._name, self._packet = name, packet
+
+        def __call__(self, *args, **kwargs):
+            calls[self._name] += 1
+            return self._packet(*args, **kwargs)
+
+        def __getattr__(self, attr):
+            return getattr(self._packet, attr)
+
+    lib = torch.ops.rope_backends
+    for name in ("rope", "rope_", "rope_qk", "rope_qk_", "rope_cached", "rope_cached_"):
+        monkeypatch.setattr(lib, name, Counting(name, getattr(lib, name)))
+    real_run = ops.run
+    monkeypatch.setattr(ops, "run", lambda *a, **k: calls.update(["op body"]) or real_run(*a, **k))
+    return calls
+
+
+def test_first_eager_calls_do_not_pass_through_the_compile_facade(fakes, monkeypatch):
+    """The first call of every signature in eager mode, without a gradient (in place or not) and
+    with one (the eager autograd Function), runs the backend without touching the custom ops; a
+    dispatch mode watching (which must see one op) does go through them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = _count_facade(monkeypatch)
+    p = Prepared(fakes)  # registering it retires every kept runner: each call below is a first one
+    x, c, s = _xcs()
+    k = torch.randn(4, 1, 16)
+    cache, pos = rb.cos_sin_cache(8, 16), torch.arange(4)
+    rb.apply(x, c, s)
+    rb.apply(x.clone(), c, s, inplace=True)
+    rb.apply_qk(x, k, c, s)
+    rb.apply_qk(x.clone(), k.clone(), c, s, inplace=True)
+    rb.apply_cached(x.clone(), k.clone(), pos, cache)
+    rb.apply_cached(x, None, pos, cache, inplace=False)
+    xg = x.clone().requires_grad_()
+    rb.apply(xg, c, s).sum().backward()
+    rb.apply_cached(xg, None, pos, cache, inplace=False)[0].sum().backward()
+    assert calls == Counter(), calls
+    assert p.forward == 10  # eight calls and two backwards, each a first one
+
+    class Watching(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Watching():
+        rb.apply(x, c, s)
+        rb.apply_cached(x.clone(), k.clone(), pos, cache)
+    assert calls == Counter({"rope": 1, "rope_cached_": 1, "op body": 2}), calls
+
+
+def test_training_through_a_cache_validates_once_and_keeps_its_runner(fakes, monkeypatch):
+    """apply_cached with a gradient (out of place) runs the table path on the gathered cos/sin:
+    validated once as a cached call (never again as a table call), its runner kept behind the
+    gather for the caller's [T, H*D] tensors; CPU positions are range-checked on every call, and
+    outputs and gradients are the reference's bit for bit."""
+    from rope_backends import dispatch
+
+    p = Prepared(fakes)
+    counted = Counter()
+    for name in ("args_for_cached", "args_for_tables"):
+        real = getattr(dispatch, name)
+        monkeypatch.setattr(dispatch, name, lambda *a, _real=real, _name=name, **kw: counted.update([_name]) or _real(*a, **kw))
+    cache = rb.cos_sin_cache(8, 16)
+    pos = torch.tensor([3, 0, 7, 5])
+    cos, sin = reference.cos_sin_from_cache(pos, cache, None)
+    q0, k0 = torch.randn(4, 2 * 16), torch.randn(4, 16)
+    gq, gk = torch.randn(4, 2 * 16), torch.randn(4, 16)
+    for _ in range(3):
+        q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+        q_out, k_out = rb.apply_cached(q, k, pos, cache, head_dim=16, inplace=False)
+        assert q_out.shape == q.shape and k_out.shape == k.shape
+        torch.autograd.backward((q_out, k_out), (gq, gk))
+        for got, t, name in ((q_out, q0, "q"), (k_out, k0, "k")):
+            want = reference.rotate(t.view(4, -1, 16), cos[:, None], sin[:, None], rb.Layout.NEOX, 16)
+            assert_bitwise_equal(got.detach(), want.view(t.shape), name=name)
+        for got, g, name in ((q.grad, gq, "grad q"), (k.grad, gk, "grad k")):
+            want = reference.rotate(g.view(4, -1, 16), cos[:, None], sin[:, None], rb.Layout.NEOX, 16, conjugate=True)
+            assert_bitwise_equal(got, want.view(g.shape), name=name)
+    assert counted == Counter(args_for_cached=1), counted
+    assert p.forward == 2  # forward and backward planned once each; the kept runners ran the rest
+    with pytest.raises(ValueError, match="^positions: expected values in"):
+        rb.apply_cached(q0.clone().requires_grad_(), k0.clone().requires_grad_(), pos + 4, cache, head_dim=16,
+                        inplace=False)
+
+
+# The fields of the three inline signature keys (apply, apply_qk, apply_cached in dispatch.py): a
+# tensor contributes the same six fields wherever it appears (positions, an integer tensor, no
+# grad flag), the options their values (rotary_dim and head_dim also their type: 1 == True), and
+# every key the same call state. The recent-signature options (_apply_opts, _cached_opts) are the
+# keys' option and state fields.
+_TENSOR_FIELDS = ("__class__", "shape", "stride()", "dtype", "device", "requires_grad")
+_STATE_FIELDS = ("_grad_enabled()", "_override_context.get()", "_env_raw()", "_debug_raw()")
+_TABLE_OPTIONS = ("layout", "rotary_dim.__class__", "rotary_dim", "inplace", "backend")
+_CACHED_OPTIONS = ("layout", "rotary_dim.__class__", "rotary_dim", "mrope", "inplace", "head_dim.__class__",
+                   "head_dim", "backend")
+
+
+def _fields(name, grad=True):
+    return tuple(f"{name}.{f}" for f in _TENSOR_FIELDS if grad or f != "requires_grad")
+
+
+_KEY_FIELDS = {
+    "apply": ("'apply'", *_fields("x"), *_fields("cos"), *_fields("sin"), *_TABLE_OPTIONS, *_STATE_FIELDS),
+    "apply_qk": ("'apply_qk'", *_fields("q"), *_fields("k"), *_fields("cos"), *_fields("sin"), *_TABLE_OPTIONS,
+                 *_STATE_FIELDS),
+    "apply_cached": ("'apply_cached'", *_fields("q"), *_fields("positions", grad=False), *_fields("cos_sin_cache"),
+                     *_CACHED_OPTIONS, *_STATE_FIELDS, *_fields("k")),
+}
+
+
+def _inline_keys():
+    """Per function of dispatch.py: the source of every element of its ``key = (...)`` and
+    ``key += (...)`` tuples, in order, and of the tuples it returns."""
+    import ast
+    import inspect
+
+    from rope_backends import dispatch
+
+    tree = ast.parse(inspect.getsource(dispatch))
+    keys, returns = {}, {}
+    for fn in tree.body:
+        if not isinstance(fn, ast.FunctionDef):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Tuple) and any(
+                    isinstance(t, ast.Name) and t.id == "key" for t in node.targets):
+                keys.setdefault(fn.name, []).extend(ast.unparse(e) for e in node.value.elts)
+            elif (isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name) and node.target.id == "key"
+                  and isinstance(node.value, ast.Tuple)):
+                keys.setdefault(fn.name, []).extend(ast.unparse(e) for e in node.value.elts)
+            elif isinstance(node, ast.Return) and isinstance(node.value, ast.Tuple):
+                returns.setdefault(fn.name, [ast.unparse(e) for e in node.value.elts])
+    return keys, returns
+
+
+def test_the_three_inline_signature_keys_carry_the_same_fields():
+    import inspect
+
+    keys, returns = _inline_keys()
+    for name, want in _KEY_FIELDS.items():
+        assert tuple(keys[name]) == want, (name, keys[name])
+        # every parameter of the public call is in its key (a new option must be keyed)
+        params = inspect.signature(getattr(rb, name)).parameters
+        assert all(any(f == p or f.startswith(p + ".") for f in want) for p in params), (name, list(params))
+    assert tuple(returns["_apply_opts"]) == _TABLE_OPTIONS + _STATE_FIELDS
+    assert tuple(returns["_cached_opts"]) == _CACHED_OPTIONS + _STATE_FIELDS + ("no_k",)
