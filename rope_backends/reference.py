@@ -34,6 +34,7 @@ from torch import Tensor
 import torch
 
 from .contract import Layout, RopeArgs
+from .mrope import axis_tensor
 
 __all__ = ["rotate", "cos_sin_from_cache", "run"]
 
@@ -68,18 +69,6 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor, layout: Layout, rotary_dim: int,
     return out
 
 
-_AXIS_ROWS: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
-
-
-def _axis_rows(axis_map: tuple[int, ...], device: torch.device) -> Tensor:
-    """The axis map as an index tensor on ``device``, built once per (map, device): a
-    host->device copy per call would synchronise and break CUDA-graph capture."""
-    rows = _AXIS_ROWS.get((axis_map, device))
-    if rows is None:
-        rows = _AXIS_ROWS[(axis_map, device)] = torch.tensor(axis_map, device=device)
-    return rows
-
-
 def cos_sin_from_cache(
     positions: Tensor, cache: Tensor, axis_map: tuple[int, ...] | None
 ) -> tuple[Tensor, Tensor]:
@@ -89,7 +78,7 @@ def cos_sin_from_cache(
     max_position = cache.shape[0]
     cols = torch.arange(half, device=positions.device)
     if axis_map is not None:
-        pos = positions.index_select(0, _axis_rows(axis_map, positions.device)).movedim(0, -1)  # [*lead, half]
+        pos = positions.index_select(0, axis_tensor(axis_map, positions.device)).movedim(0, -1)  # [*lead, half]
     else:
         pos = positions.unsqueeze(-1)  # [*lead, 1]: one position for every pair
     pos = pos.long()

@@ -99,8 +99,6 @@ def test_cuda_graph_capture_and_replay(mrope):
     """[24, 20, 19] is a map no call has used before: its device tensor is built inside the capture
     (from fills, no host-to-device copy)."""
     _triton()
-    from rope_backends.backends.triton import launch
-
     g = torch.Generator(device=DEV).manual_seed(2)
     rot = 2 * len(mrope.axis_map) if mrope else 128
     cache = rb.cos_sin_cache(4096, rot, device=DEV)
@@ -109,7 +107,7 @@ def test_cuda_graph_capture_and_replay(mrope):
     pos = torch.randint(0, 4096, (3, 16) if mrope else (16,), generator=g, device=DEV)
     rb.apply_cached(q, k, pos, cache, mrope=mrope, head_dim=128, backend="triton")  # compiled, plan cached
     if mrope is not None:  # drop the map and the runner holding it: the captured call builds it
-        launch._AXIS.clear()
+        rb.mrope._AXIS_TENSORS.clear()
         dispatch._RUNNERS.clear()
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()

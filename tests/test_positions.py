@@ -454,3 +454,22 @@ def test_gpu_inputs_host_path_round_trip(convention, monkeypatch):
              torch.tensor([0.1, 1 / 3], dtype=torch.float32), torch.tensor([1e-300, -2.5], dtype=torch.float64)]
     for a, b in zip(real(positions._pack(parts), parts), parts):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+# ---- the axis map as a device tensor (mrope.axis_tensor) ---------------------------------------
+
+def test_axis_tensor_is_made_once_per_map_device_and_dtype():
+    m = mrope.interleaved([3, 3, 2]).axis_map
+    first = mrope.axis_tensor(m, torch.device("cpu"))
+    assert first.dtype == torch.int64 and first.tolist() == list(m)
+    assert mrope.axis_tensor(list(m), torch.device("cpu")) is first  # any sequence of the same map
+    narrow = mrope.axis_tensor(m, torch.device("cpu"), torch.int32)
+    assert narrow is not first and narrow.dtype == torch.int32 and narrow.tolist() == list(m)
+
+
+@pytest.mark.parametrize("axis_map", [(0,), (2,), (0, 0, 1, 1, 2), (2, 2, 0, 1, 0, 0), (1, 2) * 5 + (0,) * 3])
+def test_axis_tensor_built_from_fills_equals_the_map(axis_map):
+    """The form made during CUDA-graph capture (device ops only) holds the map's values."""
+    for dtype in (torch.int32, torch.int64):
+        got = mrope._filled(axis_map, torch.device("cpu"), dtype)
+        assert got.dtype == dtype and got.tolist() == list(axis_map)

@@ -33,16 +33,14 @@ import torch
 from torch import Tensor
 
 from .. import platform, reference
-from ..registry import Backend, prepare_forward, register_backend
 from ..contract import Layout, RopeArgs
+from ..mrope import axis_tensor
+from ..registry import Backend, prepare_forward, register_backend
 
 __all__ = ["forward", "probe", "rotate", "cos_sin_from_cache"]
 
 NOT_INSTALLED = "torch_npu is not installed (pip install rope-backends[npu])"
 NO_DEVICE = "torch_npu imported but no NPU device"
-
-# axis map -> index tensor, per device: built once, so a call makes no host->device copy
-_AXIS_INDEX: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
 
 
 def probe() -> str | None:
@@ -98,15 +96,6 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor, layout: Layout, rotary_dim: int,
     return torch.cat(parts, dim=-1)
 
 
-def _axis_index(axis_map: tuple[int, ...], device: torch.device) -> Tensor:
-    key = (axis_map, device)
-    index = _AXIS_INDEX.get(key)
-    if index is None:
-        index = torch.tensor(axis_map, dtype=torch.long, device=device)
-        _AXIS_INDEX[key] = index
-    return index
-
-
 def cos_sin_from_cache(positions: Tensor, cache: Tensor, axis_map: tuple[int, ...] | None) -> tuple[Tensor, Tensor]:
     """``reference.cos_sin_from_cache`` by contiguous ops: half-form float32 ``cos``, ``sin``
     ``[*lead, rotary_dim // 2]`` for ``positions [*lead]`` (or ``[3, *lead]`` with ``axis_map``)
@@ -128,12 +117,12 @@ def cos_sin_from_cache(positions: Tensor, cache: Tensor, axis_map: tuple[int, ..
         # rows of the cache for all three position rows, then pick, per column, the row the axis
         # map names: column j (cos) and half + j (sin) follow axis_map[j]
         rows = cache.index_select(0, safe.reshape(-1)).reshape(3, -1, rotary_dim)  # [3, N, rotary_dim]
-        axis = _axis_index(tuple(axis_map) * 2, cache.device)  # [rotary_dim]
+        axis = axis_tensor(tuple(axis_map) * 2, cache.device)  # [rotary_dim]
         table = rows.gather(0, axis.view(1, 1, rotary_dim).expand(1, rows.shape[1], rotary_dim))[0]
     table = table.float()
     valid = (pos >= 0) & (pos < max_position)  # [N, 1] or [3, N]
     if axis_map is not None:
-        axis = _axis_index(tuple(axis_map), cache.device)
+        axis = axis_tensor(axis_map, cache.device)
         valid = valid.index_select(0, axis).t()  # [N, half]: validity of the row pair j reads
         valid = torch.cat((valid, valid), dim=-1)  # the same for the cos and the sin column
     table = table.masked_fill(~valid, float("nan"))

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..contract import MRope
+from ..mrope import axis_tensor
 from .scenarios import HEAD_DIM, Impl, Skip, autograd_prepare
 
 __all__ = ["for_case", "hf_formula", "gather"]
@@ -62,7 +63,7 @@ def gather(positions: Tensor, cache: Tensor, axis: Tensor | None) -> tuple[Tenso
 def _axis(m: MRope | None, positions: Tensor, device: torch.device) -> Tensor | None:
     if m is None or positions.dim() != 2:
         return None
-    return torch.tensor(m.axis_map, device=device)
+    return axis_tensor(m.axis_map, device)
 
 
 def _heads(t: Tensor) -> Tensor:

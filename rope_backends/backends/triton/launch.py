@@ -42,13 +42,13 @@ from torch import Tensor
 
 from ... import platform, registry
 from ...contract import Layout, RopeArgs
+from ...mrope import axis_tensor
 from . import tuning
 
 __all__ = ["forward", "prepare", "plan_for", "set_config", "Plan", "launch_floor"]
 
 _INT32_LIMIT = 2**31 - 1
 _PLANS: dict[tuple, "Plan | str | None"] = {}   # signature -> plan (None: split; _SEPARATE: q, k apart)
-_AXIS: dict[tuple, Tensor] = {}                 # (axis_map, device) -> int32 [half] on device
 _FORCED: tuning.Tile | None = None              # a tile forced for every call (sweeps, tests)
 _SEPARATE = "separate"
 _NEOX = Layout.NEOX
@@ -190,7 +190,7 @@ def prepare(args: RopeArgs):
         return run_both
     if not isinstance(plan, Plan) or plan.contiguous_cos or plan.dummy_cache:
         return None
-    axis = _axis_tensor(args.mrope.axis_map, tensors[0].device) if plan.values["MROPE"] else None
+    axis = axis_tensor(args.mrope.axis_map, tensors[0].device, torch.int32) if plan.values["MROPE"] else None
     axis_address = axis.data_ptr() if axis is not None else 0
     index = tensors[0].get_device()
     inplace, two = args.inplace, len(tensors) == 2
@@ -290,7 +290,7 @@ def _run(args: RopeArgs, pairs) -> None:
         a, b = args.positions, args.cache
         if plan.dummy_cache:
             b = torch.zeros((1, b.shape[1]), dtype=b.dtype, device=b.device)
-        axis = _axis_tensor(args.mrope.axis_map, q.device) if plan.values["MROPE"] else None
+        axis = axis_tensor(args.mrope.axis_map, q.device, torch.int32) if plan.values["MROPE"] else None
         kind = "cached"
     _kernel()
     ptrs = _ORDER[kind]((q, qo, k, ko, a, b, axis, None))
@@ -523,7 +523,7 @@ def launch_floor(args: RopeArgs) -> Callable[[], tuple[Tensor, ...]]:
         raise ValueError("launch_floor: this call is not a single plain launch")
     cached = args.cache is not None
     a, b = (args.positions, args.cache) if cached else (args.cos, args.sin)
-    axis = _axis_tensor(args.mrope.axis_map, tensors[0].device) if plan.values["MROPE"] else None
+    axis = axis_tensor(args.mrope.axis_map, tensors[0].device, torch.int32) if plan.values["MROPE"] else None
     _kernel()
     order = _ORDER["cached" if cached else "table"]
     two = len(tensors) == 2
@@ -591,29 +591,6 @@ _bump_version = _version_bumper()
 _current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 # the current stream of a device as the raw handle Triton's launcher takes (CUDA and ROCm builds)
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-
-
-def _axis_tensor(axis_map: tuple[int, ...], device: torch.device) -> Tensor:
-    """The MRoPE axis map as an int32 device tensor, made once per (map, device): no
-    host-to-device copy per call."""
-    key = (axis_map, device)
-    t = _AXIS.get(key)
-    if t is not None:
-        return t
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        # a host-to-device copy cannot be captured in a CUDA graph: build this one from fills
-        # of the map's runs (recorded in the graph, replayed with it) and do not cache it
-        t = torch.zeros(len(axis_map), dtype=torch.int32, device=device)
-        start = 0
-        for j in range(1, len(axis_map) + 1):
-            if j == len(axis_map) or axis_map[j] != axis_map[start]:
-                if axis_map[start]:
-                    t[start:j].fill_(axis_map[start])
-                start = j
-        return t
-    t = torch.tensor(axis_map, dtype=torch.int32, device=device)
-    _AXIS[key] = t
-    return t
 
 
 def _split(args: RopeArgs, pairs):
