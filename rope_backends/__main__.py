@@ -66,10 +66,10 @@ def _auto_backend(device_type: str) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     import rope_backends as rb
-    from . import platform
+    from . import environment
     from .backends import plugin_errors
 
-    p = platform.detect()
+    p = environment.detect()
     _p(f"rope_backends {rb.__version__}  (python {sys.version.split()[0]}, {sys.platform})")
     _p(f"torch       {p.torch}  (CUDA build: {torch.version.cuda or 'no'}, HIP build: {getattr(torch.version, 'hip', None) or 'no'})")
     interp = "on: Triton kernels run on CPU tensors through the interpreter" if p.triton_interpret else "off"

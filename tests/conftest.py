@@ -12,18 +12,25 @@ marks and run only where such devices exist.
 
 The NPU backend's code runs on CPU tensors here: ``ROPE_BACKENDS_SIMULATE_NPU=1`` is set before
 rope_backends is imported (an explicit value in the environment wins).
+
+Shared fixtures: ``fakes`` (counting backends registered for a test and removed after it) and
+``fake_gpus`` (torch.cuda pretending to see GPUs). Markers and warning filters are declared once,
+in pyproject.toml ([tool.pytest.ini_options]).
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 os.environ.setdefault("ROPE_BACKENDS_SIMULATE_NPU", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import rope_backends  # noqa: E402,F401  (registers the backends after the environment is set)
+import rope_backends  # noqa: E402  (registers the backends after the environment is set)
+from rope_backends import reference  # noqa: E402
+from rope_backends.registry import Backend  # noqa: E402
 from rope_backends.testing import cases as _cases  # noqa: E402
 from rope_backends.testing import runner  # noqa: E402
 
@@ -34,15 +41,6 @@ def pytest_addoption(parser):
                     help="run the backend-parametrised tests for this backend only (repeatable)")
     group.addoption("--device", default=None, metavar="TYPE", help="only targets on this device type (cpu, cuda, npu)")
     group.addoption("--full", action="store_true", default=False, help="the exhaustive tier: reference_cases()")
-
-
-def pytest_configure(config):
-    for line in ("gpu: needs a CUDA/ROCm device", "multigpu: needs two GPUs",
-                 "large: more than 2**31 elements (needs tens of GB of device memory)"):
-        config.addinivalue_line("markers", line)
-    # the Triton interpreter evaluates kernels with numpy, which warns on the inf/NaN arithmetic
-    # the special-value cases do on purpose (results are compared bit for bit regardless)
-    config.addinivalue_line("filterwarnings", "ignore::RuntimeWarning:triton.runtime.interpreter")
 
 
 def _targets(config) -> list[runner.Target]:
@@ -95,3 +93,46 @@ def pytest_generate_tests(metafunc):
 def runnable_targets(request) -> list[runner.Target]:
     """Every target that can run here (after --backend/--device)."""
     return [t for t in _targets(request.config) if t.runnable]
+
+
+class Fakes:
+    """Registers counting backends (forward = the reference) and removes them afterwards."""
+
+    def __init__(self):
+        self.calls: Counter[str] = Counter()
+        self.names: list[str] = []
+
+    def add(self, name, device_types=("cpu",), priority=50, **kw):
+        def forward(args, _name=name):
+            self.calls[_name] += 1
+            return reference.run(args)
+
+        rope_backends.register_backend(Backend(name=name, device_types=tuple(device_types), priority=priority, forward=forward, **kw))
+        self.names.append(name)
+        return name
+
+    def remove(self, name):
+        rope_backends.unregister_backend(name)
+        self.names.remove(name)
+
+    def cleanup(self):
+        for n in list(self.names):
+            self.remove(n)
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    monkeypatch.delenv("ROPE_BACKEND", raising=False)
+    f = Fakes()
+    yield f
+    f.cleanup()
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """``fake_gpus(n=2, name="Fake GPU")``: torch.cuda reports ``n`` devices named ``"{name} {i}"``."""
+    def install(n=2, name="Fake GPU"):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: f"{name} {i}")
+    return install

@@ -536,7 +536,7 @@ def test_direct_launch_floor_runs_once_per_call(monkeypatch, op):
     monkeypatch.setattr(launch, "_KERNEL", kernel)
     monkeypatch.setattr(launch, "_PLANS", {})
     monkeypatch.setattr(launch, "_RAW", [False])
-    monkeypatch.setattr(launch.platform, "triton_interpret", lambda: False)
+    monkeypatch.setattr(launch.environment, "triton_interpret", lambda: False)
     monkeypatch.setattr(launch, "_raw_stream", lambda device: 0)
     monkeypatch.setattr(launch, "_current_device", lambda: 0)
     real_empty_like = torch.empty_like

@@ -1,8 +1,8 @@
 """Dispatch: precedence (argument > use_backend > ROPE_BACKEND > priority), ROPE_BACKEND parsing,
 per-tensor-device selection, the selection cache across run-time registration, error messages
-listing candidates, entry-point plug-ins, platform detection by simulation, and use_backend
-contexts in concurrent threads and asyncio tasks. Fake backends count their calls to prove which
-path ran.
+listing candidates, entry-point plug-ins, use_backend contexts in concurrent threads and asyncio
+tasks, prepared runners, the routing of each kind of call and the inline signature keys. Fake
+backends (the ``fakes`` fixture, conftest.py) count their calls to prove which path ran.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import importlib
 import importlib.machinery
-import sys
 import threading
 import types
 from collections import Counter
@@ -20,44 +19,13 @@ import pytest
 import torch
 
 import rope_backends as rb
-from rope_backends import override, platform, reference, registry
+from rope_backends import override, reference, registry
 from rope_backends.registry import Backend
 from rope_backends.testing import assert_bitwise_equal
 
 backends_module = importlib.import_module("rope_backends.backends")
 
 
-class Fakes:
-    """Registers counting backends (forward = the reference) and removes them afterwards."""
-
-    def __init__(self):
-        self.calls: Counter[str] = Counter()
-        self.names: list[str] = []
-
-    def add(self, name, device_types=("cpu",), priority=50, **kw):
-        def forward(args, _name=name):
-            self.calls[_name] += 1
-            return reference.run(args)
-
-        rb.register_backend(Backend(name=name, device_types=tuple(device_types), priority=priority, forward=forward, **kw))
-        self.names.append(name)
-        return name
-
-    def remove(self, name):
-        rb.unregister_backend(name)
-        self.names.remove(name)
-
-    def cleanup(self):
-        for n in list(self.names):
-            self.remove(n)
-
-
-@pytest.fixture
-def fakes(monkeypatch):
-    monkeypatch.delenv("ROPE_BACKEND", raising=False)
-    f = Fakes()
-    yield f
-    f.cleanup()
 
 
 def _xcs(device="cpu"):
@@ -234,6 +202,17 @@ def test_explicit_device_types_serve_only_when_named(fakes):
     assert _which(fakes, lambda: rb.apply(x, c, s, backend="rb_explicit_cpu")) == "rb_explicit_cpu"
 
 
+def test_backends_is_the_subpackage_and_a_deprecated_alias_of_list_backends(fakes):
+    """``rb.backends`` is the subpackage ``rope_backends.backends`` (not shadowed by a function);
+    calling it, the listing function's old name, warns and returns ``rb.list_backends()``."""
+    fakes.add("rb_listed")
+    assert rb.backends is backends_module and callable(rb.backends)
+    assert backends_module.load_plugins and isinstance(backends_module.plugin_errors, dict)
+    with pytest.warns(DeprecationWarning, match=r"rope_backends.backends\(\) is deprecated.*list_backends"):
+        old = rb.backends()
+    assert old == rb.list_backends() and "rb_listed" in {b.name for b in old}
+
+
 # ---- entry-point plug-ins --------------------------------------------------------------------
 
 class _EntryPoint:
@@ -271,63 +250,6 @@ def test_entry_point_plugins(monkeypatch, fakes):
     assert backends_module.plugin_errors == {"broken": "ImportError: no such module rb_missing"}
     x, c, s = _xcs()
     assert _which(fakes, lambda: rb.apply(x, c, s, backend="rb_plugin_fn")) == "rb_plugin_fn"
-
-
-# ---- platform simulation ---------------------------------------------------------------------
-
-def _fake_gpus(monkeypatch, n=2, name="Fake GPU"):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: f"{name} {i}")
-
-
-def test_detect_nvidia(monkeypatch):
-    _fake_gpus(monkeypatch, 2, "NVIDIA H100")
-    monkeypatch.setattr(torch.version, "hip", None)
-    p = platform.detect()
-    assert p.gpu_vendor == "nvidia" and platform.gpu_vendor() == "nvidia"
-    assert p.gpu_count == 2 and p.gpu_names == ("NVIDIA H100 0", "NVIDIA H100 1")
-    assert p.device_types()[:2] == ("cpu", "cuda")
-
-
-def test_detect_rocm(monkeypatch):
-    _fake_gpus(monkeypatch, 1, "AMD Instinct MI300X")
-    monkeypatch.setattr(torch.version, "hip", "6.2.41133")
-    p = platform.detect()
-    assert p.gpu_vendor == "rocm" and "cuda" in p.device_types()
-
-
-def test_detect_no_gpu(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.version, "hip", "6.2")
-    assert platform.gpu_vendor() is None and platform.detect().gpu_count == 0
-
-
-def test_detect_ascend(monkeypatch):
-    fake = types.ModuleType("torch_npu")
-    fake.__spec__ = importlib.machinery.ModuleSpec("torch_npu", None)
-    fake.__version__ = "2.5.1.post1"
-    npu = types.SimpleNamespace(is_available=lambda: True, device_count=lambda: 8)
-    monkeypatch.setitem(sys.modules, "torch_npu", fake)
-    monkeypatch.setattr(torch, "npu", npu, raising=False)
-    assert platform.torch_npu_version() == "2.5.1.post1"
-    assert platform.npu_available()
-    p = platform.detect()
-    assert p.npu_count == 8 and "npu" in p.device_types()
-
-
-def test_detect_without_torch_npu(monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch_npu", None)  # import torch_npu fails
-    assert platform.torch_npu_version() is None and not platform.npu_available()
-
-
-def test_interpreter_and_simulation_flags(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("ROPE_BACKENDS_SIMULATE_NPU", "0")
-    assert platform.triton_interpret() and not platform.simulated_npu()
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setenv("ROPE_BACKENDS_SIMULATE_NPU", "1")
-    assert not platform.triton_interpret() and platform.simulated_npu()
 
 
 # ---- concurrency ---------------------------------------------------------------------------
@@ -439,140 +361,6 @@ def test_cache_not_poisoned_by_a_concurrent_unregistration(fakes):
     rb.apply(x, c, s)  # began while it was registered: may still run there
     assert _which(fakes, lambda: rb.apply(x, c, s)) == "eager"
     assert registry.select("cpu", None).name != "rb_vanishing"
-
-
-# ---- python -m rope_backends ---------------------------------------------------------------
-
-@pytest.fixture
-def small_tier(monkeypatch):
-    """The CLI runs the real runner on a slice of the fast tier (the whole tier is test_conformance's).
-    The tests pass ``--device cpu``: on a GPU machine ``check`` would also run eager on cuda (and
-    automatic dispatch there picks triton), which these CPU-written expectations do not describe."""
-    from rope_backends.testing import cases as case_data
-    from rope_backends.testing import runner
-
-    subset = case_data.sample_cases()[::40]
-    monkeypatch.setattr(case_data, "cases_for", lambda *a, **k: subset)
-    monkeypatch.setattr(runner, "cases_for", lambda *a, **k: subset)
-    return subset
-
-
-def test_cli_info(monkeypatch, capsys):
-    from rope_backends.__main__ import main
-
-    _fake_gpus(monkeypatch, 1, "AMD Instinct MI300X")
-    monkeypatch.setattr(torch.version, "hip", "6.2.41133")
-    assert main(["info"]) == 0
-    out = capsys.readouterr().out
-    assert "GPU vendor  AMD (ROCm" in out and "cuda:0 AMD Instinct MI300X" in out
-    assert "cpu   -> eager" in out
-    for b in rb.list_backends():
-        assert f"\n{b.name} " in out
-
-
-def test_cli_check_passes_and_expect(fakes, capsys, small_tier):
-    from rope_backends.__main__ import main
-
-    assert main(["check", "--device", "cpu", "--backend", "eager", "--expect", "eager"]) == 0
-    out = capsys.readouterr().out
-    assert "eager    cpu" in out and "picks eager for every kind of call" in out and "OK in" in out
-    fakes.add("rb_cli_hijack", priority=10_000)  # automatic dispatch on cpu now picks this one
-    assert main(["check", "--device", "cpu", "--backend", "eager", "--expect", "eager"]) == 1
-    out = capsys.readouterr().out
-    assert "apply_qk float16 interleaved on cpu: rb_cli_hijack" in out and "FAILED" in out
-
-
-def test_cli_check_shards_cover_the_tier_once(capsys, small_tier):
-    from rope_backends.__main__ import main
-
-    seen = []
-    for k in range(3):
-        assert main(["check", "--device", "cpu", "--backend", "eager", "--shard", f"{k}/3", "-v"]) == 0
-        lines = capsys.readouterr().out.splitlines()
-        seen += [ln.split()[-1] for ln in lines if ln.strip().startswith("ok ") and "error:" not in ln]
-        assert any("error:" in ln for ln in lines) == (k == 0)  # the error catalogue runs once
-    assert sorted(seen) == sorted(c.name for c in small_tier)
-    for bad in ("3/3", "x/2", "1"):
-        with pytest.raises(SystemExit):
-            main(["check", "--shard", bad])
-
-
-def test_shards_keep_each_kernel_group_in_one_process():
-    """check --shard gives whole kernel groups to one shard (each compiled variant is built once),
-    covers the tier exactly once, and balances the shards within one group's size."""
-    from rope_backends.__main__ import _shard_cases
-    from rope_backends.testing import cases as case_data
-
-    tier = case_data.sample_cases()
-    for n in (1, 3, 12):
-        shards = [_shard_cases(tier, k, n) for k in range(n)]
-        assert sorted(c.name for s in shards for c in s) == sorted(c.name for c in tier)
-        owner = {}
-        for k, shard in enumerate(shards):
-            assert shard == sorted(shard, key=tier.index), "tier order within a shard"
-            for case in shard:
-                assert owner.setdefault(case.kernel_group, k) == k, f"{case.kernel_group} split over shards"
-        sizes = [len(s) for s in shards]
-        biggest = max(sum(1 for c in tier if c.kernel_group == g) for g in owner)
-        assert max(sizes) - min(sizes) <= biggest
-
-
-def test_cli_check_names_runs_exactly_the_named_cases(capsys, small_tier, tmp_path):
-    """--names FILE (what a time-boxed GPU run did not reach) runs those cases and error cases
-    only; a file naming nothing of the tier fails instead of passing as "0 failed"."""
-    from rope_backends.__main__ import main
-    from rope_backends.testing import cases as case_data
-
-    wanted = [small_tier[1].name, small_tier[-1].name]
-    error = f"error:{case_data.error_cases()[0].name}"
-    names = tmp_path / "names.txt"
-    names.write_text(f"# not reached\n{wanted[0]}\n\n{wanted[1]}  # trailing comment\n{error}\nnot-a-case\n")
-    assert main(["check", "--device", "cpu", "--backend", "eager", "--names", str(names), "-v"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    ran = [ln.split()[-1] for ln in lines if ln.strip().startswith("ok ")]
-    assert sorted(ran) == sorted(wanted + [error])
-    assert any("1 of the names are not cases" in ln for ln in lines)
-    bogus = tmp_path / "bogus.txt"
-    bogus.write_text("not-a-case\n")
-    assert main(["check", "--device", "cpu", "--backend", "eager", "--names", str(bogus)]) == 2
-    assert "none of the 1 names" in capsys.readouterr().out
-    for bad in (str(tmp_path / "missing.txt"), str(tmp_path / "empty.txt")):
-        (tmp_path / "empty.txt").write_text("# nothing\n")
-        with pytest.raises(SystemExit):
-            main(["check", "--names", bad])
-
-
-def test_cli_check_reports_failures(fakes, capsys, small_tier):
-    from rope_backends.__main__ import main
-
-    def off_by_one(args):
-        outs = reference.run(args)
-        for o in outs:
-            if o.numel():
-                o.view(-1)[0] = torch.nextafter(o.view(-1)[0], torch.tensor(float("inf"), dtype=o.dtype)) \
-                    if o.is_contiguous() else o.view(-1)[0]
-        return outs
-
-    rb.register_backend(Backend(name="rb_cli_bad", device_types=("cpu",), priority=-1, forward=off_by_one))
-    fakes.names.append("rb_cli_bad")
-    assert main(["check", "--backend", "rb_cli_bad", "--max-failures", "3"]) == 1
-    out = capsys.readouterr().out
-    assert "rb_cli_bad  cpu" in out and "failure(s):" in out and "elements differ" in out
-    assert main(["check", "--backend", "rb_not_registered"]) == 2
-
-
-def test_cli_bench_hook(monkeypatch, capsys):
-    from rope_backends import __main__ as cli
-
-    calls = []
-    module = types.ModuleType("rope_backends.benchmark")
-    module.run_short = lambda device=None: calls.append(device) or 0
-    monkeypatch.setitem(sys.modules, "rope_backends.benchmark", module)
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: object())
-    assert cli._run_bench("cpu") == 0 and calls == ["cpu"]
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
-    assert cli._run_bench(None) == 0
-    assert "bench: not installed" in capsys.readouterr().out
 
 
 # ---- prepared runners: the repeated call -------------------------------------------------------

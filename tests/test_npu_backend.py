@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import rope_backends as rb
-from rope_backends import mrope, platform, reference, registry
+from rope_backends import environment, mrope, reference, registry
 from rope_backends.backends import npu as npu_backend
 from rope_backends.contract import Layout, MRope, RopeArgs
 from rope_backends.testing.check import assert_bitwise_equal
@@ -550,9 +550,9 @@ def unsimulated(monkeypatch):
 
 def test_ascend_machine_detected(unsimulated):
     _fake_torch_npu(unsimulated, available=True, count=2)
-    assert platform.torch_npu_version() == "2.5.1.post-fake"
-    assert platform.npu_available()
-    p = platform.detect()
+    assert environment.torch_npu_version() == "2.5.1.post-fake"
+    assert environment.npu_available()
+    p = environment.detect()
     assert p.npu_count == 2 and p.torch_npu == "2.5.1.post-fake" and "npu" in p.device_types()
     assert npu_backend.probe() is None
     assert registry.select("npu", None).name == "npu"
@@ -562,8 +562,8 @@ def test_ascend_machine_detected(unsimulated):
 
 def test_torch_npu_without_device(unsimulated):
     _fake_torch_npu(unsimulated, available=False, count=0)
-    assert platform.torch_npu_version() is not None and not platform.npu_available()
-    assert platform.detect().npu_count == 0
+    assert environment.torch_npu_version() is not None and not environment.npu_available()
+    assert environment.detect().npu_count == 0
     assert npu_backend.probe() == "torch_npu imported but no NPU device"
     assert registry.select("npu", None).name == "eager"  # the universal fallback, logged
     info = {i.name: i for i in rb.list_backends()}["npu"]
@@ -572,7 +572,7 @@ def test_torch_npu_without_device(unsimulated):
 
 def test_torch_npu_not_installed(unsimulated):
     unsimulated.setitem(sys.modules, "torch_npu", None)  # makes find_spec report it absent
-    assert platform.torch_npu_version() is None and not platform.npu_available()
+    assert environment.torch_npu_version() is None and not environment.npu_available()
     assert npu_backend.probe() == "torch_npu is not installed (pip install rope-backends[npu])"
     with pytest.raises(ValueError, match=r"torch_npu is not installed"):
         registry.select("npu", None, "npu")

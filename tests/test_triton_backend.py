@@ -27,7 +27,7 @@ triton = pytest.importorskip("triton")  # backend availability: no triton, nothi
 import triton.language as tl  # noqa: E402
 
 import rope_backends as rb  # noqa: E402
-from rope_backends import mrope, platform, reference  # noqa: E402
+from rope_backends import environment, mrope, reference  # noqa: E402
 from rope_backends.backends import triton as triton_backend  # noqa: E402
 from rope_backends.backends.triton import launch, tuning  # noqa: E402
 from rope_backends.contract import Layout, MRope, RopeArgs  # noqa: E402
@@ -511,7 +511,7 @@ def test_direct_launch_path(monkeypatch):
     monkeypatch.setattr(launch, "_PLANS", {})
     monkeypatch.setattr(launch, "_raw_stream", lambda device: 77)
     monkeypatch.setattr(launch, "_current_device", lambda: 0)
-    monkeypatch.setattr(platform, "triton_interpret", lambda: False)
+    monkeypatch.setattr(environment, "triton_interpret", lambda: False)
     x = torch.randn(4, 2, 32)
     cos = torch.rand(4, 1, 16)
     plan = launch.plan_for(_args(x, cos, cos))
@@ -622,14 +622,14 @@ def test_registered_for_cuda_and_cpu_under_the_interpreter():
 
 
 def test_probe_reasons(monkeypatch):
-    monkeypatch.setattr(platform, "triton_version", lambda: None)
+    monkeypatch.setattr(environment, "triton_version", lambda: None)
     assert "not installed" in triton_backend.probe()
     monkeypatch.undo()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(platform, "gpu_vendor", lambda: None)
+    monkeypatch.setattr(environment, "gpu_vendor", lambda: None)
     assert "no CUDA or ROCm GPU" in triton_backend.probe()
     assert triton_backend._explicit_device_types() == ()
-    monkeypatch.setattr(platform, "gpu_vendor", lambda: "rocm")
+    monkeypatch.setattr(environment, "gpu_vendor", lambda: "rocm")
     assert triton_backend.probe() is None
 
 

@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import rope_backends as rb  # noqa: E402
-from rope_backends import freqs, mrope, platform, reference, registry  # noqa: E402
+from rope_backends import environment, freqs, mrope, reference, registry  # noqa: E402
 from rope_backends.testing.optrace import record  # noqa: E402
 from rope_backends.testing.check import bitwise_mismatches  # noqa: E402
 
@@ -86,12 +86,12 @@ def open_device(opts) -> Device | str:
     if opts.simulate_cpu:
         os.environ["ROPE_BACKENDS_SIMULATE_NPU"] = "1"
         return Device("cpu", _documented_formula, lambda: None, True)
-    version = platform.torch_npu_version()
+    version = environment.torch_npu_version()
     if version is None:
         return "torch_npu is not installed (pip install rope-backends[npu]); nothing to measure here"
-    if not platform.npu_available():
+    if not environment.npu_available():
         return f"torch_npu {version} imported but no NPU device is visible; nothing to measure here"
-    import torch_npu  # noqa: F401  (platform has imported it already; the op lives on this module)
+    import torch_npu  # noqa: F401  (rope_backends.environment has imported it already; the op lives on this module)
 
     fn = getattr(torch_npu, "npu_rotary_mul", None)
     return Device(opts.device, fn, torch.npu.synchronize, False)  # type: ignore[attr-defined]
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         "device_name": ("CPU, documented formula" if dev.simulated
                         else torch.npu.get_device_name(torch.device(opts.device).index or 0)),  # type: ignore[attr-defined]
         "torch": torch.__version__,
-        "torch_npu": platform.torch_npu_version(),
+        "torch_npu": environment.torch_npu_version(),
         "cann": os.environ.get("ASCEND_TOOLKIT_HOME") or os.environ.get("ASCEND_HOME_PATH"),
         "python": _platform.python_version(),
         "date": _dt.date.today().isoformat(),

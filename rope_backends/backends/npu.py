@@ -23,7 +23,7 @@ The backend serves ``"npu"`` tensors (``torch_npu`` registers that device). With
 ``ROPE_BACKENDS_SIMULATE_NPU=1`` the same functions serve ``"cpu"`` tensors when the backend is
 named explicitly, which is how CI runs this code without Ascend hardware.
 
-This module must not import ``torch_npu`` (only :mod:`rope_backends.platform` does, from the
+This module must not import ``torch_npu`` (only :mod:`rope_backends.environment` does, from the
 probe), and must not issue any in-place or ``out=`` op on a non-contiguous tensor.
 """
 
@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import platform, reference
+from .. import environment, reference
 from ..contract import Layout, RopeArgs
 from ..mrope import axis_tensor
 from ..registry import Backend, prepare_forward, register_backend
@@ -45,17 +45,17 @@ NO_DEVICE = "torch_npu imported but no NPU device"
 
 def probe() -> str | None:
     """None when this backend can run here (a simulated NPU counts), else the reason."""
-    if platform.simulated_npu():
+    if environment.simulated_npu():
         return None
-    if platform.npu_available():
+    if environment.npu_available():
         return None
-    if platform.torch_npu_version() is None:
+    if environment.torch_npu_version() is None:
         return NOT_INSTALLED
     return NO_DEVICE
 
 
 def _explicit_device_types() -> tuple[str, ...]:
-    return ("cpu",) if platform.simulated_npu() else ()
+    return ("cpu",) if environment.simulated_npu() else ()
 
 
 def _rotated_pairs(a: Tensor, b: Tensor, cos: Tensor, sin: Tensor, conjugate: bool) -> tuple[Tensor, Tensor]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__, platform
+from .. import __version__, environment
 from .timing import Clock, cache_bytes
 
 __all__ = ["copy_bandwidth", "device_info", "device_label", "versions", "present_devices"]
@@ -59,7 +59,7 @@ def device_info(device: torch.device) -> dict:
     """The ``device`` entry of a result document."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return {"type": "cuda", "name": torch.cuda.get_device_name(device), "vendor": platform.gpu_vendor(),
+        return {"type": "cuda", "name": torch.cuda.get_device_name(device), "vendor": environment.gpu_vendor(),
                 "multiprocessors": props.multi_processor_count, "memory_bytes": props.total_memory,
                 "l2_bytes": getattr(props, "L2_cache_size", None)}
     if device.type == "cpu":
@@ -89,7 +89,7 @@ def _version(dist: str) -> str | None:
 
 
 def versions() -> dict:
-    return {"rope_backends": __version__, "torch": torch.__version__, "triton": platform.triton_version(),
+    return {"rope_backends": __version__, "torch": torch.__version__, "triton": environment.triton_version(),
             "python": _pyplatform.python_version(), "cuda": torch.version.cuda,
             "hip": getattr(torch.version, "hip", None), "liger_kernel": _version("liger-kernel") or _version("liger_kernel"),
             "flashinfer": _version("flashinfer-python") or _version("flashinfer"),
@@ -101,6 +101,6 @@ def present_devices() -> list[str]:
     devices = ["cpu"]
     if torch.cuda.is_available():
         devices.append("cuda")
-    if platform.npu_available():
+    if environment.npu_available():
         devices.append("npu")
     return devices

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .. import mrope as _mrope
-from .. import platform, reference, registry
+from .. import environment, reference, registry
 from ..validation import args_for_cached, args_for_tables
 from . import make
 from .cases import DTYPES, ErrorCase, RopeCase, cases_for
@@ -79,7 +79,7 @@ def present_device_types() -> tuple[str, ...]:
     kinds = ["cpu"]
     if torch.cuda.is_available() and torch.cuda.device_count() > 0:
         kinds.append("cuda")
-    if platform.npu_available():
+    if environment.npu_available():
         kinds.append("npu")
     return tuple(kinds)
 

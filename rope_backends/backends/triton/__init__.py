@@ -1,7 +1,7 @@
 """``triton``: one Triton kernel family for CUDA and ROCm GPUs (both are torch device type "cuda").
 
 Registers the backend; the kernel is in kernel.py, the host side (geometry, heuristics, launch)
-in launch.py. Nothing here imports triton: the probe asks :mod:`rope_backends.platform`, and
+in launch.py. Nothing here imports triton: the probe asks :mod:`rope_backends.environment`, and
 launch.py imports the kernel at the first call, so ``import rope_backends`` works without triton
 (the backend is then listed as unavailable, with the reason).
 
@@ -12,7 +12,7 @@ checks the kernel source bit for bit without a GPU.
 
 from __future__ import annotations
 
-from ... import platform
+from ... import environment
 from ...registry import Backend, register_backend
 from .launch import forward, prepare  # launch.py imports triton only at the first call
 
@@ -24,15 +24,15 @@ NO_GPU = "no CUDA or ROCm GPU visible to torch (set TRITON_INTERPRET=1 to run th
 
 def probe() -> str | None:
     """None when the kernels can run here (a GPU, or the interpreter), else the reason."""
-    if platform.triton_version() is None:
+    if environment.triton_version() is None:
         return NOT_INSTALLED
-    if platform.triton_interpret() or platform.gpu_vendor() is not None:
+    if environment.triton_interpret() or environment.gpu_vendor() is not None:
         return None
     return NO_GPU
 
 
 def _explicit_device_types() -> tuple[str, ...]:
-    return ("cpu",) if platform.triton_interpret() else ()
+    return ("cpu",) if environment.triton_interpret() else ()
 
 
 register_backend(

@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ... import platform, registry
+from ... import environment, registry
 from ...contract import Layout, RopeArgs
 from ...mrope import axis_tensor
 from . import tuning
@@ -333,7 +333,7 @@ def _launch(plan: Plan, ptrs: tuple) -> None:
         launcher(addresses)
         return
     kernel = _KERNEL or _kernel()
-    if platform.triton_interpret():
+    if environment.triton_interpret():
         with _INTERPRETER_LOCK:
             kernel.run(*ptrs, grid=plan.grid, warmup=False, **plan.options(), **plan.values)
         return
@@ -747,7 +747,7 @@ def _build(args: RopeArgs, pairs) -> "Plan | str | None":
         COPY_PASS=copy_pass,
         COS_PER_HEAD=cos_per_head,
         INT64=int64,
-        EXACT_CASTS=platform.triton_interpret(),
+        EXACT_CASTS=environment.triton_interpret(),
         ROT=rot,
         HEAD_DIM=head_dim,
         BLOCK_T=tile.block_t,

@@ -300,14 +300,14 @@ def _load(index: int) -> Table:
 def tile_for(shape: Shape, device: torch.device) -> Tile:
     """The tile of a call on ``device`` (a CUDA/ROCm device; the interpreter takes as few
     programs as possible, each costing milliseconds of Python)."""
-    from ... import platform
+    from ... import environment
 
-    if device.type != "cuda" or platform.triton_interpret():
+    if device.type != "cuda" or environment.triton_interpret():
         return _interpreter_tile(shape)
     index = device.index if device.index is not None else torch.cuda.current_device()
     table = table_for(index)
     cls = shape.shape_class()
-    return concrete(shape, table.params(cls), table.device["sms"], platform.gpu_vendor() == "rocm")
+    return concrete(shape, table.params(cls), table.device["sms"], environment.gpu_vendor() == "rocm")
 
 
 def _interpreter_tile(shape: Shape) -> Tile:
