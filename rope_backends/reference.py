@@ -1,6 +1,6 @@
 """THE semantics of rope_backends, in eager torch. Every backend is tested against this file.
 
-For every rotated pair ``(a, b)`` and angle values ``c = cos``, ``s = sin`` (spec section 1):
+For every rotated pair ``(a, b)`` and angle values ``c = cos``, ``s = sin`` (docs/contract.md, "Numerics"):
 
     step 1  a, b, c, s are converted to float32 (exact for fp16/bf16/fp32 inputs)
     step 2  each product is rounded to float32:  ac = a*c, bs = b*s, bc = b*c, as = a*s
@@ -9,7 +9,7 @@ For every rotated pair ``(a, b)`` and angle values ``c = cos``, ``s = sin`` (spe
     step 5  elements past ``rotary_dim`` are copied unchanged, bit for bit
 
 Backward (``conjugate=True``) is the rotation by -theta: ``s`` is negated before step 2
-(``x - (-y)`` equals ``x + y`` exactly in IEEE arithmetic, so this is spec's
+(``x - (-y)`` equals ``x + y`` exactly in IEEE arithmetic, so this is the contract's
 ``ga' = ga*c + gb*s``, ``gb' = gb*c - ga*s``).
 
 Pairing (``half = rotary_dim // 2``):

@@ -28,7 +28,7 @@ def test_case(target, case):
 # ---- the suite itself ---------------------------------------------------------------------
 
 def test_sample_tier_size_and_coverage():
-    """The fast tier: >= 300 distinct cases covering every feature the spec lists."""
+    """The fast tier: >= 300 distinct cases covering every feature docs/contract.md ("Conformance") lists."""
     cases = sample_cases()
     names = [c.name for c in cases]
     assert len(names) == len(set(names)) and len(set(cases)) == len(cases)

@@ -1,4 +1,4 @@
-"""The bad-input catalogue (spec section 5, ``rope_backends.testing.error_cases()``): each bad
+"""The bad-input catalogue (docs/contract.md, "Errors"; ``rope_backends.testing.error_cases()``): each bad
 call raises its documented type with a message that starts with the argument's name and says what
 was expected and what came; the same message whichever backend would have run; and no input
 (in-place target included) is changed by a failing call.

@@ -63,7 +63,7 @@ def assert_same(got, want):
 def test_matches_loop(case, variant):
     spec = dict(SETUPS.get(case) or EDGES[case])
     if case in SETUPS:
-        spec["padding"] = "mixed"  # the setups, with ragged rows on top
+        spec["padding"] = "mixed"  # the benchmark's setups, with ragged rows on top
     batch = make_batch(**spec, variant=variant, seed=zlib.crc32(case.encode()) % 1000)
     want = rope_index_loop(batch.input_ids, **batch.kwargs())
     assert_same(positions.rope_index(batch.input_ids, **batch.kwargs()), want)  # host (NumPy) path

@@ -1,7 +1,7 @@
 """How far the reference's fp16/bf16 (and fp32) outputs are from the exact result, and what is
 guaranteed. Run with ``-s`` to see the figures.
 
-What the contract guarantees (spec section 1), and what this file asserts:
+What the contract guarantees (docs/contract.md, "Numerics"), and what this file asserts:
 
 1. The output is the fp32 result rounded once: ``out == RN_dtype(y)`` with
    ``y = RN32(RN32(a*c) - RN32(b*s))`` -- checked exactly against an fp32 computation written

@@ -33,7 +33,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 transformers.logging.set_verbosity_error()  # config validation warns about published configs
 
 # ---- published rope sections ------------------------------------------------------------------
-# DeepSeek-V3 config.json (as quoted in issue 14 and in a DeepSeek-V3 reference port's constants:
+# DeepSeek-V3 config.json (as published with the model and in a DeepSeek-V3 reference port's constants:
 # max_position_embeddings 163840, rope_theta 10000, qk_rope_head_dim 64)
 DEEPSEEK_V3 = dict(
     rope_scaling={"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,

@@ -1,4 +1,4 @@
-"""GPU reliability checks for issue 7, in one run on a GPU machine.
+"""GPU reliability checks (more than 2^31 elements, a second GPU, memory, no syncs, CUDA graphs), in one run on a GPU machine.
 
   python bench/studies/gpu_reliability.py --out DIR [--big-tokens N]
 

@@ -12,7 +12,7 @@ checked bit for bit against the reference before anything is reported:
   npu              ``rope_backends.backends.npu.forward``: contiguous cat / stack+flatten, the
                    only caller write one final full copy (in place)
 
-Cases (the issue's anchors):
+Cases (the benchmark's anchor shapes):
   diffusion    x ``(1, 4096, 24, 128)`` bf16, interleaved, full rotary, cos/sin ``[4096, 1, 64]``
                fp32, out of place (Wan/Helios self-attention)
   llm-cached   serving: q ``[4096, 32*128]``, k ``[4096, 8*128]`` bf16, neox, positions into a

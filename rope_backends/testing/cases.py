@@ -4,7 +4,7 @@ A :class:`RopeCase` describes one call -- op, shapes, dtypes, layout, rotary_dim
 broadcast, positions/cache/MRoPE, storage (strided views, fused qkv, transposes), in-place or not,
 special values, backward -- and carries a readable ``name`` (the pytest id). The runner
 (:mod:`rope_backends.testing.runner`) builds the tensors from it and compares a backend with the
-reference bit for bit. An :class:`ErrorCase` describes one bad call (spec section 5) and the
+reference bit for bit. An :class:`ErrorCase` describes one bad call (docs/contract.md, "Errors"; docs/errors.md) and the
 error it must raise.
 
 Tiers:
@@ -300,7 +300,7 @@ def _cyc(seq, i):
 
 
 def sample_cases() -> list[RopeCase]:
-    """The fast tier: every feature of the spec, small tensors (CI, ``check``)."""
+    """The fast tier: every feature of the contract (docs/contract.md), small tensors (CI, ``check``)."""
     C = RopeCase
     out: list[RopeCase] = []
     # head_dims x dtypes x layouts (full rotary), [T, H, D]
@@ -536,7 +536,7 @@ def cases_for(backend: str, device_type: str, full: bool = False) -> list[RopeCa
 
 
 # --------------------------------------------------------------------------------------------
-# the bad-input catalogue (spec section 5)
+# the bad-input catalogue (docs/contract.md, "Errors"; rendered as docs/errors.md)
 
 @dataclass
 class ErrorCall:
@@ -626,7 +626,7 @@ WHY = {
 
 
 def error_cases() -> list[ErrorCase]:
-    """Every bad input of spec section 5 and more, each raising its documented type naming the
+    """Every bad input of docs/contract.md ("Errors") and more, each raising its documented type naming the
     argument, each with the rule it breaks (``why``, from :data:`WHY`)."""
     import torch.autograd.forward_ad as fwAD
 

@@ -1,6 +1,6 @@
 """Host side of the ``triton`` backend: call geometry, the launch plan, the launch itself.
 
-``forward(args)`` for one validated :class:`~rope_backends.spec.RopeArgs`:
+``forward(args)`` for one validated :class:`~rope_backends.contract.RopeArgs`:
 
 1. outputs are the inputs (in place) or ``torch.empty_like`` of them; empty tensors launch nothing;
 2. the call's *signature* (shapes, strides, dtypes, options, device) keys a :class:`Plan` in a
