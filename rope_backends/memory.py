@@ -136,20 +136,28 @@ def _layout(t: Tensor) -> str:
     return f"shape {tuple(t.shape)}, strides {t.stride()}, {t.dtype}"
 
 
+def _refuse_overlap(an: str, a: Tensor, bn: str, b: Tensor, named: str, expected: str, hint: str) -> None:
+    """ValueError naming ``named`` (``an`` or ``bn``) unless ``a`` and ``b`` share no byte: what was
+    expected, how their memory meets, both layouts and the distance between their first elements."""
+    pa, pb = plain(a), plain(b)
+    found = shared_memory(pa, pb)
+    if found is False:
+        return
+    how = "overlaps" if found else "may overlap (their strides differ too much to tell)"
+    other = an if named == bn else bn
+    raise ValueError(
+        f"{named}: expected {expected}, got one whose memory {how} {other}'s: {an} {_layout(pa)}; {bn} "
+        f"{_layout(pb)}, starting {_address(pb) - _address(pa)} bytes after {an}; {hint}"
+    )
+
+
 def need_distinct(named: Sequence[tuple[str, Tensor]]) -> None:
     """q and k (the rotated tensors) share no element, in place or not."""
     if len(named) < 2 or not _has_memory(named[0][1], named[1][1]):
         return
     (qn, q), (kn, k) = named[0], named[1]
-    pq, pk = plain(q), plain(k)
-    found = shared_memory(pq, pk)
-    if found is not False:
-        how = "overlaps" if found else "may overlap (their strides differ too much to tell)"
-        raise ValueError(
-            f"{kn}: expected a tensor distinct from {qn} (no element in common), got one whose memory {how} "
-            f"{qn}'s: {qn} {_layout(pq)}; {kn} {_layout(pk)}, starting {_address(pk) - _address(pq)} bytes "
-            f"after {qn}; pass separate tensors (or views of disjoint columns)"
-        )
+    _refuse_overlap(qn, q, kn, k, kn, f"a tensor distinct from {qn} (no element in common)",
+                    "pass separate tensors (or views of disjoint columns)")
 
 
 def need_writable(name: str, t: Tensor) -> None:
@@ -180,18 +188,9 @@ def need_apart(written: Sequence[tuple[str, Tensor]], read: Sequence[tuple[str, 
     (cos/sin, positions, the cache); q and k are kept apart by :func:`need_distinct`."""
     for wn, w in written:
         for rn, r in read:
-            if r is None or not _has_memory(w, r):
-                continue
-            pw, pr = plain(w), plain(r)
-            found = shared_memory(pw, pr)
-            if found is not False:
-                how = "overlaps" if found else "may overlap (their strides differ too much to tell)"
-                raise ValueError(
-                    f"{wn}: expected a tensor that shares no memory with {rn} for inplace=True (the kernel "
-                    f"reads {rn} while it writes {wn}), got one whose memory {how} {rn}'s: {wn} {_layout(pw)}; "
-                    f"{rn} {_layout(pr)}, starting {_address(pr) - _address(pw)} bytes after {wn}; "
-                    f"pass inplace=False or separate tensors"
-                )
+            if r is not None and _has_memory(w, r):
+                _refuse_overlap(wn, w, rn, r, wn, f"a tensor that shares no memory with {rn} for inplace=True "
+                                f"(the kernel reads {rn} while it writes {wn})", "pass inplace=False or separate tensors")
 
 
 def _has_memory(*tensors: Tensor) -> bool:

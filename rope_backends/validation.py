@@ -130,14 +130,8 @@ def args_for_tables(
     return args
 
 
-def _check_tables(
-    tensors: tuple[tuple[str, object], ...],
-    cos: object,
-    sin: object,
-    layout: Layout | str,
-    rotary_dim: int | None,
-    inplace: bool,
-) -> RopeArgs:
+def _check_tables(tensors: tuple[tuple[str, object], ...], cos: object, sin: object, layout: Layout | str,
+                  rotary_dim: int | None, inplace: bool) -> RopeArgs:
     """Every check of :func:`args_for_tables`, raising the precise error."""
     layout = Layout.parse(layout)
     if not isinstance(inplace, bool):
