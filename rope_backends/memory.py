@@ -189,8 +189,9 @@ def need_apart(written: Sequence[tuple[str, Tensor]], read: Sequence[tuple[str, 
     for wn, w in written:
         for rn, r in read:
             if r is not None and _has_memory(w, r):
-                _refuse_overlap(wn, w, rn, r, wn, f"a tensor that shares no memory with {rn} for inplace=True "
-                                f"(the kernel reads {rn} while it writes {wn})", "pass inplace=False or separate tensors")
+                expected = (f"a tensor that shares no memory with {rn} for inplace=True (the kernel reads {rn} "
+                            f"while it writes {wn})")
+                _refuse_overlap(wn, w, rn, r, wn, expected, "pass inplace=False or separate tensors")
 
 
 def _has_memory(*tensors: Tensor) -> bool:
