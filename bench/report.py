@@ -26,7 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("json", help="a results file written by python -m rope_backends bench")
     parser.add_argument("--out", default=None, help="Markdown output (default: README-table.md beside the JSON)")
     parser.add_argument("--no-plot", action="store_true", help="do not (re)write the PNG")
+    parser.add_argument("--compact", action="store_true", help="print the README's compact per-device table")
     args = parser.parse_args(argv)
+    if args.compact:
+        print(report.compact_table(report.load(args.json)))
+        return 0
     try:
         out, png = report.render(args.json, args.out, plot=not args.no_plot, link_root=ROOT)
     except ValueError as exc:

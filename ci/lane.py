@@ -1,6 +1,6 @@
 """Read ci/lanes.toml: `python ci/lane.py matrix` prints the GitHub matrix as JSON;
 `python ci/lane.py env LANE` prints `KEY=VALUE` lines (env plus DEVICE/EXPECT/BACKEND/BENCH/EXTRAS/TESTS/
-OWN_PROCESS)."""
+OWN_PROCESS/PINS)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ def main(argv: list[str]) -> int:
         print(f"LANE_EXTRAS={','.join(lane['extras'])}")
         print(f"LANE_TESTS={' '.join(lane.get('tests', ['tests']))}")
         print(f"LANE_OWN_PROCESS={' '.join(lane.get('own_process', []))}")
+        print(f"LANE_PINS={' '.join(lane.get('pins', []))}")
         return 0
     print("usage: python ci/lane.py matrix | env LANE", file=sys.stderr)
     return 2

@@ -13,6 +13,16 @@ if [[ -f /usr/local/Ascend/ascend-toolkit/set_env.sh ]]; then
 fi
 echo "== lane $lane: device=$LANE_DEVICE expect=$LANE_EXPECT backend=${LANE_BACKEND:-auto}"
 pytest_args=(-q -p no:cacheprovider)
+if [[ -n "${LANE_PINS:-}" ]]; then
+  # the lane's pinned versions over the machine's own, in a virtual environment of its own
+  venv="${TMPDIR:-/tmp}/rope-backends-lane-$lane"
+  python -m venv --system-site-packages "$venv"
+  read -r -a pins <<< "$LANE_PINS"
+  "$venv/bin/python" -m pip install -q "${pins[@]}"
+  "$venv/bin/python" -c "import sys; print('lane $lane pins:', sys.argv[1:])" "${pins[@]}"
+  PATH="$venv/bin:$PATH"
+  pytest_args+=(-p no:benchmark)  # a newer pytest-benchmark on the machine needs a newer pytest
+fi
 if [[ -n "${LANE_BACKEND}" ]]; then
   pytest_args+=(--backend "$LANE_BACKEND")
 fi

@@ -71,7 +71,9 @@ CONVENTIONS = ("v5", "v4")
 PATHS = ("auto", "device", "host")
 #: ``path="auto"`` computes GPU inputs of at most this many tokens (``B * S``) on the host: there
 #: the device path is bound by its fixed number of kernel launches, and one transfer costs less.
-HOST_PATH_MAX_TOKENS = 32768
+#: H200 (Qwen3-VL, v5): at 8,192 tokens host 1.13 ms vs device 1.78 ms; at 32,768 host 1.83 ms vs
+#: device 1.56 ms (bench/results/rope_index-cuda-nvidia-h200-2026-12-02.json)
+HOST_PATH_MAX_TOKENS = 16384
 
 @dataclass
 class _Call:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .scenarios import GROUPS
 
-__all__ = ["SCHEMA", "load", "format_tables", "markdown_report", "write_json", "write_plot", "render",
+__all__ = ["SCHEMA", "load", "format_tables", "compact_table", "markdown_report", "write_json", "write_plot", "render",
            "default_out_dir"]
 
 SCHEMA = "rope_backends.bench/1"
@@ -129,6 +129,39 @@ def format_tables(doc: dict) -> str:
                                "-" if s["met"] is None else ("yes" if s["met"] else "NO"), s["detail"]]
                               for s in summary], {1, 2}))
     return "\n".join(out)
+
+
+_PEERS = ("flash-attn", "liger-kernel", "flashinfer", "torch.compile")
+
+
+def compact_table(doc: dict) -> str:
+    """One row per case of the diffusion, qk, llm and mrope groups for the device's default backend
+    (the README's per-device results): its time, % of the copy bandwidth, % of a copy of as many
+    bytes, and the peers' times (bit-exact or not, as measured)."""
+    best = doc.get("default_backend")
+    rows = doc["rows"]
+    timing = "do_bench" if doc["device"]["type"] == "cuda" else "torch_timer"
+    out = []
+    for r in rows:
+        if r["group"] not in ("diffusion", "qk", "llm", "mrope") or r["implementation"] != best or r["timing"] != timing:
+            continue
+        if r["group"] == "llm" and r["tokens"] < 4096:
+            continue
+        same = [o for o in rows if (o["group"], o["scenario"], o["op"], o["implementation"], o["timing"]) ==
+                (r["group"], r["scenario"], r["op"], "copy-same-bytes", timing)]
+        peers = []
+        for name in _PEERS:
+            p = [o for o in rows if (o["group"], o["scenario"], o["op"], o["implementation"], o["timing"]) ==
+                 (r["group"], r["scenario"], r["op"], name, timing)]
+            if p:
+                mark = "" if p[0]["bit_exact"] else " (not exact)"
+                peers.append(f"{name} {_fmt(p[0]['us'])}{mark}")
+        pct_same = f"{100 * same[0]['us'] / r['us']:.0f} %" if same else "-"
+        op = r["op"] + (" in place" if r["group"] in ("qk", "llm") and r["op"] != "apply" else "")
+        out.append([f"{r['group']} {r['scenario']}", op, r["shape"], r["layout"], _fmt(r["us"]), f"{_fmt(r['pct_copy'])} %",
+                    pct_same, "; ".join(peers) or "-"])
+    return _md_table(["case", "op", "shape", "layout", f"{best} µs", "% of copy", "% of same-bytes copy",
+                      "peers, µs"], out, {4, 5, 6})
 
 
 def markdown_report(doc: dict, plot: str | None = None) -> str:
