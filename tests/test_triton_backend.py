@@ -423,6 +423,45 @@ def test_forced_tile_applies_and_restores():
     assert launch.plan_for(_args(x, cos, cos)).tile != tuning.Tile(2, 2, 1)
 
 
+@pytest.mark.parametrize("qk_by_row", [False, True])
+@pytest.mark.parametrize("kind", ["table", "cached", "mrope"])
+def test_qk_program_orders(qk_by_row, kind):
+    """Both q+k program orders (kernel.py's QK_BY_ROW) serve every tile of q and of k exactly once:
+    several row blocks with a ragged last one, q and k with different head-block counts."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(7, 6, 32, generator=g).to(torch.bfloat16)
+    k = torch.randn(7, 2, 32, generator=g).to(torch.bfloat16)
+    if kind == "table":
+        cos, sin = torch.rand(7, 1, 16, generator=g), torch.rand(7, 1, 16, generator=g)
+        args = RopeArgs((q, k), False, Layout.NEOX, 32, cos=cos, sin=sin)
+        call = lambda: rb.apply_qk(q, k, cos, sin, backend="triton")  # noqa: E731
+    else:
+        cache = rb.cos_sin_cache(64, 32)
+        m = mrope.chunked([6, 5, 5]) if kind == "mrope" else None
+        pos = torch.randint(0, 64, (3, 7) if m else (7,), generator=g)
+        args = RopeArgs((q, k), False, Layout.NEOX, 32, positions=pos, cache=cache, mrope=m)
+        call = lambda: rb.apply_cached(q, k, pos, cache, mrope=m, inplace=False, backend="triton")  # noqa: E731
+    try:
+        launch.set_config(2, 2, 1, qk_by_row=qk_by_row)
+        plan = launch.plan_for(args)
+        assert plan.values["QK_BY_ROW"] is qk_by_row and plan.grid == (4 * 3 + 4 * 1, 1, 1)
+        got = call()
+    finally:
+        launch.set_config(None)
+    for g_, w in zip(got, reference.run(args)):
+        assert_bitwise_equal(g_, w)
+
+
+def test_qk_program_order_default():
+    """Row block by row block for tables, q's tiles first with positions (launch._qk_by_row)."""
+    q, k = torch.randn(5, 4, 32), torch.randn(5, 2, 32)
+    cos = torch.rand(5, 1, 16)
+    assert launch.plan_for(RopeArgs((q, k), False, Layout.NEOX, 32, cos=cos, sin=cos)).values["QK_BY_ROW"] is True
+    assert launch.plan_for(RopeArgs((q,), False, Layout.NEOX, 32, cos=cos, sin=cos)).values["QK_BY_ROW"] is False
+    cached = RopeArgs((q, k), False, Layout.NEOX, 32, positions=torch.arange(5), cache=rb.cos_sin_cache(8, 32))
+    assert launch.plan_for(cached).values["QK_BY_ROW"] is False
+
+
 def test_tile_table_lookup(monkeypatch, tmp_path):
     """A user file (written by ``tune``) beats the shipped table, which beats the rule; a class the
     table lacks takes the nearest measured one of the same kind, layout and size; a file for another

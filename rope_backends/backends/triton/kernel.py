@@ -12,6 +12,8 @@ they differ per head (``COS_PER_HEAD``). Constexprs select the variant:
     HAS_POSITIONS  cos/sin come from ``cache[position]``, gathered here (apply_cached)
     MROPE          pair i reads the position row ``axis_map[i]`` of ``positions[3, ...]``
     HAS_K          a second tensor (k) is served by the programs after the first ``q_programs``
+    QK_BY_ROW      with HAS_K: program ids run row block by row block, each row block's q head
+                   blocks then its k head blocks, so q and k of one token are in flight together
     COPY_PASS      copy dims ``[ROT, HEAD_DIM)`` to the output (out of place, partial rotary_dim)
     COS_PER_HEAD   cos/sin vary along the heads (else they broadcast over them)
     INT64          index arithmetic in int64 (some operand spans 2**31 elements or more)
@@ -217,14 +219,22 @@ def rope_kernel(
     # positions strides over L0, L1, L2 and between the 3 MRoPE rows; cache strides and rows
     ps0, ps1, ps2, psr, cache_s0, cache_s1, max_pos,
     INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr, HAS_POSITIONS: tl.constexpr, MROPE: tl.constexpr,
-    HAS_K: tl.constexpr, COPY_PASS: tl.constexpr, COS_PER_HEAD: tl.constexpr, INT64: tl.constexpr,
-    EXACT_CASTS: tl.constexpr, ROT: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_K: tl.constexpr, QK_BY_ROW: tl.constexpr, COPY_PASS: tl.constexpr, COS_PER_HEAD: tl.constexpr,
+    INT64: tl.constexpr, EXACT_CASTS: tl.constexpr, ROT: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
     if HAS_K:
+        if QK_BY_ROW:
+            # the same tiles in another order: map this program to the id it has when all of q's
+            # tiles come first (the order below is written once, for that numbering)
+            per_row = q_head_blocks + k_head_blocks
+            row_block = pid // per_row
+            j = pid % per_row
+            pid = tl.where(j < q_head_blocks, row_block * q_head_blocks + j,
+                           q_programs + row_block * k_head_blocks + (j - q_head_blocks))
         if pid >= q_programs:
             tile = pid - q_programs
             _rotate_tile(

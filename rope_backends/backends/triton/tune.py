@@ -65,6 +65,8 @@ WORKLOADS = (
     Workload("4k x 4 heads, interleaved", "apply", (4096, 4, 128), layout="interleaved"),
     # training-style q + k in place
     Workload("q+k 115k x 24/8 heads, neox in place", "apply_qk", (1, 115200, 24, 128), 8, inplace=True),
+    Workload("q+k 32k x 12/4 heads, neox in place", "apply_qk", (1, 32760, 12, 128), 4, inplace=True),
+    Workload("q+k 2 x 4k x 24/8 heads, neox in place", "apply_qk", (2, 4096, 24, 128), 8, inplace=True),
     Workload("q+k 2 x 4k x 32/8 heads, neox", "apply_qk", (2, 4096, 32, 128), 8),
     Workload("q+k 1k x 8/2 heads, neox", "apply_qk", (1024, 8, 128), 2),
     Workload("q+k decode 16 x 32/8 heads", "apply_qk", (16, 32, 128), 8),

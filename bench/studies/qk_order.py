@@ -1,0 +1,151 @@
+"""One-off study: the program order of q+k launches (kernel.py's ``QK_BY_ROW``) and the tile, on a GPU.
+
+    python bench/studies/qk_order.py [--out DIR] [--jobs N]
+
+With q and k in one launch the programs either take all of q's tiles, then all of k's
+(``QK_BY_ROW`` off), or run row block by row block, each row block's q tiles then its k tiles
+(on: the order of Liger-Kernel's one-program-per-token kernel). For the ``qk`` group's shapes of
+``python -m rope_backends bench`` (neox, in place, bf16) and serving prefill (``apply_cached``),
+every candidate tile of ``python -m rope_backends tune`` is compiled in both orders, checked bit
+for bit against the reference, and timed the tuner's way; Liger-Kernel (when importable) is timed
+on the same inputs beside them. Writes ``qk-order-study.json`` to ``--out`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from rope_backends.backends.triton import launch, tune, tuning  # noqa: E402
+from rope_backends.testing.check import bitwise_mismatches  # noqa: E402
+
+W = tune.Workload
+WORKLOADS = (
+    W("q+k 115200 x 24/8", "apply_qk", (1, 115200, 24, 128), 8, inplace=True),
+    W("q+k 32760 x 12/4", "apply_qk", (1, 32760, 12, 128), 4, inplace=True),
+    W("q+k 2 x 4096 x 24/8", "apply_qk", (2, 4096, 24, 128), 8, inplace=True),
+    W("serving T=16384, 32/8", "apply_cached", (16384, 32, 128), 8, inplace=True),
+    W("serving T=4096, 32/8", "apply_cached", (4096, 32, 128), 8, inplace=True),
+)
+ORDERS = (False, True)
+
+
+def _tiles(w, device, sms) -> list[tuning.Tile]:
+    d = tune._inputs(w, device, 0)
+    shape = tune._shape_of(w, d)
+    size = shape.shape_class().size
+    tiles = {tuning.concrete(shape, p, sms) for p in tune.candidates(size, False)}
+    tiles.add(tuning.tile_for(shape, device))
+    return sorted(tiles)
+
+
+def _compile(job) -> int:
+    index, items = job
+    torch.cuda.set_device(index)
+    device = torch.device("cuda", index)
+    for w, tiles in items:
+        d = tune._inputs(w, device, 0)
+        call = tune._call(w, d)
+        for tile in tiles:
+            for order in ORDERS:
+                launch.set_config(*tile, qk_by_row=order)
+                call()
+    torch.cuda.synchronize()
+    return 0
+
+
+def _liger_us(w, sets) -> float | None:
+    if w.op != "apply_qk":
+        return None
+    try:
+        from liger_kernel.ops.rope import LigerRopeFunction
+    except Exception:
+        return None
+
+    def call(d):
+        cos = torch.cat((d["cos"][:, 0], d["cos"][:, 0]), -1)[None].contiguous()
+        sin = torch.cat((d["sin"][:, 0], d["sin"][:, 0]), -1)[None].contiguous()
+        q4, k4 = d["q"].transpose(1, 2), d["k"].transpose(1, 2)
+        return lambda: LigerRopeFunction.apply(q4, k4, cos, sin)
+
+    return tune._time_us([call(d) for d in sets], tune._bytes(w))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--jobs", type=int, default=12)
+    args = parser.parse_args()
+    device = torch.device("cuda", torch.cuda.current_device())
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    plan = [(w, _tiles(w, device, sms)) for w in WORKLOADS]
+    chunks = [[] for _ in range(args.jobs)]
+    n = 0
+    for w, tiles in plan:
+        for t in tiles:
+            chunks[n % args.jobs].append((w, [t]))
+            n += 1
+    with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+        list(pool.imap_unordered(_compile, [(device.index, c) for c in chunks if c]))
+    rows = []
+    for w, tiles in plan:
+        sets = [tune._inputs(w, device, s) for s in range(tune._sets(w, device))]
+        fresh = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in sets[0].items()}
+        want = tune._reference(w, fresh)
+        launch.set_config(None)
+        default_tile = launch.plan_for(_args(w, fresh)).tile
+        timed = {}
+        for tile in tiles:
+            for order in ORDERS:
+                launch.set_config(*tile, qk_by_row=order)
+                check = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in fresh.items()}
+                got = [t for t in tune._call(w, check)() if t is not None]
+                exact = not any(bool(bitwise_mismatches(g, r).any()) for g, r in zip(got, want))
+                us = tune._time_us([tune._call(w, s) for s in sets], tune._bytes(w)) if exact else None
+                timed[(tuple(tile), order)] = us
+                if not exact:
+                    print(f"{w.name}: tile {tuple(tile)} order {order}: NOT bit-exact")
+        launch.set_config(None)
+        liger = _liger_us(w, sets)
+        best = {o: min((us, t) for (t, oo), us in timed.items() if oo == o and us is not None) for o in ORDERS}
+        row = {"workload": w.name, "bytes": tune._bytes(w), "default_tile": list(default_tile),
+               "default_us": {str(o): timed.get((tuple(default_tile), o)) for o in ORDERS},
+               "best": {str(o): {"us": best[o][0], "tile": list(best[o][1])} for o in ORDERS},
+               "liger_us": liger,
+               "tried": [[*t, o, us] for (t, o), us in timed.items()]}
+        rows.append(row)
+        d0, d1 = row["default_us"]["False"], row["default_us"]["True"]
+        print(f"{w.name:24s} default {tuple(default_tile)}: tensors {d0:8.2f}  rows {d1:8.2f} | best tensors "
+              f"{best[False][0]:8.2f} {best[False][1]}  rows {best[True][0]:8.2f} {best[True][1]} | liger "
+              f"{'-' if liger is None else f'{liger:8.2f}'}", flush=True)
+        del sets, fresh, want
+    doc = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+           "triton": __import__("triton").__version__, "timing": "rope_backends tune's (do_bench median >= 64 MB, "
+           "else CUDA-graph replays over input sets that leave L2)", "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "qk-order-study.json").write_text(json.dumps(doc, indent=1) + "\n")
+    return 0
+
+
+def _args(w, d):
+    from rope_backends.contract import Layout, RopeArgs
+
+    tensors = (d["q"],) if d["k"] is None else (d["q"], d["k"])
+    if w.op == "apply_cached":
+        return RopeArgs(tensors, w.inplace, Layout(w.layout), w.q[-1], positions=d["positions"], cache=d["cache"],
+                        mrope=d["mrope"])
+    return RopeArgs(tensors, w.inplace, Layout(w.layout), w.q[-1], cos=d["cos"], sin=d["sin"])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
