@@ -9,6 +9,12 @@ With q and k in one launch the programs either take all of q's tiles, then all o
 every candidate tile of ``python -m rope_backends tune`` is compiled in both orders, checked bit
 for bit against the reference, and timed the tuner's way; Liger-Kernel (when importable) is timed
 on the same inputs beside them. Writes ``qk-order-study.json`` to ``--out`` and prints a table.
+
+``--timing``: instead, the same calls (this library's default plan, a few tiles, Liger-Kernel, a
+copy of as many bytes) on the q+k shapes, each timed three ways in alternating rounds: do_bench
+(L2 flushed before each call) on one input set, do_bench cycling through input sets (what
+``python -m rope_backends bench`` does), and CUDA-graph replays over input sets (the tuner's way
+below 64 MB). Writes ``qk-timing-study.json``.
 """
 
 from __future__ import annotations
@@ -80,11 +86,100 @@ def _liger_us(w, sets) -> float | None:
     return tune._time_us([call(d) for d in sets], tune._bytes(w))
 
 
+def _liger_call(d):
+    from liger_kernel.ops.rope import LigerRopeFunction
+
+    cos = torch.cat((d["cos"][:, 0], d["cos"][:, 0]), -1)[None].contiguous()
+    sin = torch.cat((d["sin"][:, 0], d["sin"][:, 0]), -1)[None].contiguous()
+    q4, k4 = d["q"].transpose(1, 2), d["k"].transpose(1, 2)
+    return lambda: LigerRopeFunction.apply(q4, k4, cos, sin)
+
+
+def _graph_us(fns, calls=20) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        for f in fns[:3]:
+            f()
+        with torch.cuda.graph(graph):
+            for i in range(calls):
+                fns[i % len(fns)]()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(11):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(1e3 * start.elapsed_time(end) / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def timing_methods(out: Path) -> None:
+    from triton.testing import do_bench
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    rows = []
+    for w in WORKLOADS[:3]:
+        sets = [tune._inputs(w, device, s) for s in range(4)]
+        nbytes = tune._bytes(w)
+        half = nbytes // 4  # elements of a bf16 copy moving nbytes (read + written)
+        src = [torch.empty(half, dtype=torch.bfloat16, device=device) for _ in sets]
+        dst = [torch.empty_like(t) for t in src]
+        # name -> (forced tile or None, call maker)
+        makers = {"rb default": (None, lambda d: tune._call(w, d))}
+        for tile in ((1, 8, 2), (2, 4, 1), (8, 4, 4), (2, 8, 4)):
+            makers[f"rb tile {tile}"] = (tile, lambda d: tune._call(w, d))
+        try:
+            _liger_call(sets[0])
+            makers["liger"] = (None, _liger_call)
+        except Exception as exc:
+            print(f"liger: {exc}")
+        results = {}
+        for rnd in range(3):
+            for name, (tile, make) in makers.items():
+                if tile is not None:
+                    launch.set_config(*tile)
+                fns = [make(d) for d in sets]
+                fns[0]()  # compile and plan outside the timed calls
+                ring = iter(range(1 << 30))
+                rotating = lambda: fns[next(ring) % len(fns)]()  # noqa: E731
+                r = results.setdefault(name, {"one_set": [], "rotating": [], "graph": []})
+                r["one_set"].append(1e3 * do_bench(fns[0], warmup=10, rep=50, return_mode="median"))
+                r["rotating"].append(1e3 * do_bench(rotating, warmup=10, rep=50, return_mode="median"))
+                r["graph"].append(_graph_us(fns))
+                launch.set_config(None)
+            copies = [lambda s=s, t=t: t.copy_(s) for s, t in zip(src, dst)]
+            ring2 = iter(range(1 << 30))
+            r = results.setdefault("copy-same-bytes", {"one_set": [], "rotating": [], "graph": []})
+            r["one_set"].append(1e3 * do_bench(copies[0], warmup=10, rep=50, return_mode="median"))
+            r["rotating"].append(1e3 * do_bench(lambda: copies[next(ring2) % 4](), warmup=10, rep=50,
+                                                return_mode="median"))
+            r["graph"].append(_graph_us(copies))
+        print(f"{w.name}: median of 3 rounds, µs (one set / rotating sets / graph replay)")
+        for name, r in results.items():
+            med = {k: sorted(v)[1] for k, v in r.items()}
+            print(f"  {name:24s} {med['one_set']:8.2f} {med['rotating']:8.2f} {med['graph']:8.2f}", flush=True)
+        rows.append({"workload": w.name, "bytes": nbytes, "results": results})
+        del sets, src, dst
+    doc = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+           "triton": __import__("triton").__version__, "rows": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "qk-timing-study.json").write_text(json.dumps(doc, indent=1) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--jobs", type=int, default=12)
+    parser.add_argument("--timing", action="store_true", help="compare timing methods instead (see above)")
     args = parser.parse_args()
+    if args.timing:
+        timing_methods(Path(args.out))
+        return 0
     device = torch.device("cuda", torch.cuda.current_device())
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     plan = [(w, _tiles(w, device, sms)) for w in WORKLOADS]
