@@ -16,7 +16,12 @@ pytest_args=(-q -p no:cacheprovider)
 if [[ -n "${LANE_PINS:-}" ]]; then
   # the lane's pinned versions over the machine's own, in a virtual environment of its own
   venv="${TMPDIR:-/tmp}/rope-backends-lane-$lane"
-  python -m venv --system-site-packages "$venv"
+  python -m venv "$venv"
+  # the calling interpreter's packages (torch, triton, the package itself) stay visible behind the
+  # pins: a .pth file, not --system-site-packages, which skips them when that interpreter is itself
+  # a virtual environment
+  python -c "import sysconfig; print(sysconfig.get_paths()['purelib']); print(sysconfig.get_paths()['platlib'])" \
+    > "$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_rope_backends_parent.pth"
   read -r -a pins <<< "$LANE_PINS"
   "$venv/bin/python" -m pip install -q "${pins[@]}"
   "$venv/bin/python" -c "import sys; print('lane $lane pins:', sys.argv[1:])" "${pins[@]}"
