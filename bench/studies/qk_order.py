@@ -73,17 +73,10 @@ def _liger_us(w, sets) -> float | None:
     if w.op != "apply_qk":
         return None
     try:
-        from liger_kernel.ops.rope import LigerRopeFunction
-    except Exception:
+        fns = [_liger_call(d) for d in sets]
+    except ImportError:
         return None
-
-    def call(d):
-        cos = torch.cat((d["cos"][:, 0], d["cos"][:, 0]), -1)[None].contiguous()
-        sin = torch.cat((d["sin"][:, 0], d["sin"][:, 0]), -1)[None].contiguous()
-        q4, k4 = d["q"].transpose(1, 2), d["k"].transpose(1, 2)
-        return lambda: LigerRopeFunction.apply(q4, k4, cos, sin)
-
-    return tune._time_us([call(d) for d in sets], tune._bytes(w))
+    return tune._time_us(fns, tune._bytes(w))
 
 
 def _liger_call(d):
@@ -93,29 +86,6 @@ def _liger_call(d):
     sin = torch.cat((d["sin"][:, 0], d["sin"][:, 0]), -1)[None].contiguous()
     q4, k4 = d["q"].transpose(1, 2), d["k"].transpose(1, 2)
     return lambda: LigerRopeFunction.apply(q4, k4, cos, sin)
-
-
-def _graph_us(fns, calls=20) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream):
-        for f in fns[:3]:
-            f()
-        with torch.cuda.graph(graph):
-            for i in range(calls):
-                fns[i % len(fns)]()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(11):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(1e3 * start.elapsed_time(end) / calls)
-    return sorted(times)[len(times) // 2]
 
 
 def timing_methods(out: Path) -> None:
@@ -150,7 +120,7 @@ def timing_methods(out: Path) -> None:
                 r = results.setdefault(name, {"one_set": [], "rotating": [], "graph": []})
                 r["one_set"].append(1e3 * do_bench(fns[0], warmup=10, rep=50, return_mode="median"))
                 r["rotating"].append(1e3 * do_bench(rotating, warmup=10, rep=50, return_mode="median"))
-                r["graph"].append(_graph_us(fns))
+                r["graph"].append(tune.graph_us(fns))
                 launch.set_config(None)
             copies = [lambda s=s, t=t: t.copy_(s) for s, t in zip(src, dst)]
             ring2 = iter(range(1 << 30))
@@ -158,7 +128,7 @@ def timing_methods(out: Path) -> None:
             r["one_set"].append(1e3 * do_bench(copies[0], warmup=10, rep=50, return_mode="median"))
             r["rotating"].append(1e3 * do_bench(lambda: copies[next(ring2) % 4](), warmup=10, rep=50,
                                                 return_mode="median"))
-            r["graph"].append(_graph_us(copies))
+            r["graph"].append(tune.graph_us(copies))
         print(f"{w.name}: median of 3 rounds, µs (one set / rotating sets / graph replay)")
         for name, r in results.items():
             med = {k: sorted(v)[1] for k, v in r.items()}
@@ -197,7 +167,7 @@ def main() -> int:
         fresh = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in sets[0].items()}
         want = tune._reference(w, fresh)
         launch.set_config(None)
-        default_tile = launch.plan_for(_args(w, fresh)).tile
+        default_tile = launch.plan_for(tune.rope_args(w, fresh, w.inplace)).tile
         timed = {}
         for tile in tiles:
             for order in ORDERS:
@@ -230,16 +200,6 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "qk-order-study.json").write_text(json.dumps(doc, indent=1) + "\n")
     return 0
-
-
-def _args(w, d):
-    from rope_backends.contract import Layout, RopeArgs
-
-    tensors = (d["q"],) if d["k"] is None else (d["q"], d["k"])
-    if w.op == "apply_cached":
-        return RopeArgs(tensors, w.inplace, Layout(w.layout), w.q[-1], positions=d["positions"], cache=d["cache"],
-                        mrope=d["mrope"])
-    return RopeArgs(tensors, w.inplace, Layout(w.layout), w.q[-1], cos=d["cos"], sin=d["sin"])
 
 
 if __name__ == "__main__":

@@ -144,17 +144,21 @@ def _call(w: Workload, d: dict) -> Callable[[], tuple]:
                                    mrope=d["mrope"], inplace=w.inplace, backend="triton")
 
 
-def _reference(w: Workload, d: dict) -> tuple:
-    from ... import reference
+def rope_args(w: Workload, d: dict, inplace: bool):
+    """The RopeArgs of workload ``w``'s call on the input set ``d``."""
     from ...contract import Layout, RopeArgs
 
     tensors = (d["q"],) if d["k"] is None else (d["q"], d["k"])
-    lay = Layout(w.layout)
     if w.op == "apply_cached":
-        args = RopeArgs(tensors, False, lay, w.q[-1], positions=d["positions"], cache=d["cache"], mrope=d["mrope"])
-    else:
-        args = RopeArgs(tensors, False, lay, w.q[-1], cos=d["cos"], sin=d["sin"])
-    return reference.run(args)
+        return RopeArgs(tensors, inplace, Layout(w.layout), w.q[-1], positions=d["positions"], cache=d["cache"],
+                        mrope=d["mrope"])
+    return RopeArgs(tensors, inplace, Layout(w.layout), w.q[-1], cos=d["cos"], sin=d["sin"])
+
+
+def _reference(w: Workload, d: dict) -> tuple:
+    from ... import reference
+
+    return reference.run(rope_args(w, d, False))
 
 
 def _bytes(w: Workload) -> int:
@@ -167,15 +171,8 @@ def _bytes(w: Workload) -> int:
 
 def _shape_of(w: Workload, d: dict) -> tuning.Shape:
     from .launch import plan_for
-    from ...contract import Layout, RopeArgs
 
-    tensors = (d["q"],) if d["k"] is None else (d["q"], d["k"])
-    if w.op == "apply_cached":
-        args = RopeArgs(tensors, w.inplace, Layout(w.layout), w.q[-1], positions=d["positions"], cache=d["cache"],
-                        mrope=d["mrope"])
-    else:
-        args = RopeArgs(tensors, w.inplace, Layout(w.layout), w.q[-1], cos=d["cos"], sin=d["sin"])
-    plan = plan_for(args)
+    plan = plan_for(rope_args(w, d, w.inplace))
     v = plan.values
     heads = (v["q_heads"],) + ((v["k_heads"],) if v["HAS_K"] else ())
     kind = "table" if w.op != "apply_cached" else ("mrope" if v["MROPE"] else "cached")
@@ -194,7 +191,11 @@ def _time_us(fns: Sequence[Callable], nbytes: int) -> float:
 
     if nbytes >= 64 << 20:
         return 1e3 * do_bench(fns[0], warmup=10, rep=40, return_mode="median")
-    calls = 20
+    return graph_us(fns)
+
+
+def graph_us(fns: Sequence[Callable], calls: int = 20) -> float:
+    """Median µs per call of CUDA-graph replays of ``calls`` calls cycling over ``fns``."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
