@@ -600,7 +600,10 @@ def test_direct_launch_path(monkeypatch):
         for j, name in enumerate(packed):
             kind = ctypes.c_int64 if signature[name] in ("i64",) or signature[name].startswith("*") else ctypes.c_int32
             got[name] = ctypes.cast(block[j], ctypes.POINTER(kind)).contents.value
-        launched.append(((function.value, gx, gy, gz, bx, shared, stream), got))
+        # the C call's argument types, as the real cuLaunchKernel (no argtypes) receives them
+        assert isinstance(function, ctypes.c_void_p) and isinstance(stream, ctypes.c_void_p)
+        assert all(type(v) is int for v in (gx, gy, gz, bx, by, bz, shared)) and extra is None
+        launched.append(((function.value, gx, gy, gz, bx, shared, stream.value), got))
         return 0
 
     monkeypatch.setattr(launch, "_LIBCUDA", [cu_launch])
