@@ -27,6 +27,11 @@ from . import registry
 from .contract import Layout, RopeArgs
 from .modes import functorch_transform
 
+try:
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except Exception:  # a torch without it: the key alone
+    _TensorGuards = None
+
 __all__ = ["Rotation", "rotate", "eager_autograd_runner"]
 
 _forward_ad = torch.autograd.forward_ad  # its _current_level (-1: no dual level) is read per call
@@ -38,7 +43,7 @@ class Rotation:
     backend's prepared runner per signature of those tensors (a backward sees one or two: its
     gradients' strides), so a repeated call skips the backend's planning."""
 
-    __slots__ = ("backend", "layout", "rotary_dim", "conjugate", "tables", "_runners", "_reverse")
+    __slots__ = ("backend", "layout", "rotary_dim", "conjugate", "tables", "_runners", "_reverse", "_last")
     _MAX_RUNNERS = 16
 
     def __init__(self, backend: registry.Backend, layout: Layout, rotary_dim: int, conjugate: bool,
@@ -47,6 +52,9 @@ class Rotation:
         self.tables = tables  # the caller's name for where cos/sin came from, for errors
         self._runners: dict[tuple, object] = {}
         self._reverse: Rotation | None = None
+        # (tensor count, C++ guard of the last signature's metadata, its runner): a repeated call
+        # (every backward of a training loop) checks it in one C++ call instead of building the key
+        self._last: tuple | None = None
 
     def reverse(self) -> "Rotation":
         """The rotation by -theta (the backward), made once."""
@@ -56,11 +64,19 @@ class Rotation:
         return self._reverse
 
     def __call__(self, tensors: tuple[Tensor, ...], cos: Tensor, sin: Tensor) -> tuple[Tensor, ...]:
+        last = self._last
+        if last is not None and len(tensors) == last[0]:
+            try:
+                if last[1].check(*tensors, cos, sin):
+                    return last[2](tensors, cos, sin)
+            except (TypeError, RuntimeError):  # not plain tensors: the key below
+                pass
         key = (cos.shape, cos.stride(), cos.dtype, sin.stride(), sin.dtype, cos.device)
         for t in tensors:
             key += (t.shape, t.stride(), t.dtype, t.device)
         run = self._runners.get(key)
         if run is not None:
+            self._remember(tensors, cos, sin, run)
             return run(tensors, cos, sin)
         args = RopeArgs(tuple(tensors), False, self.layout, self.rotary_dim, self.conjugate, cos=cos, sin=sin)
         outs = self.backend.forward(args)
@@ -68,7 +84,24 @@ class Rotation:
             run = self.backend.prepare(args)
             if run is not None:
                 self._runners[key] = run
+                self._remember(tensors, cos, sin, run)
         return outs
+
+    def _remember(self, tensors: tuple[Tensor, ...], cos: Tensor, sin: Tensor, run) -> None:
+        """Make ``run`` the last signature's runner, behind torch's TensorGuards (what dispatch's
+        recent signatures use: dtype, device, sizes, strides, grad flag and dispatch keys of every
+        tensor, a superset of the key's fields)."""
+        if _TensorGuards is None:
+            return
+        every = (*tensors, cos, sin)
+        if not all(type(t) is Tensor for t in every):
+            return  # a subclass's own metadata is not in the guard
+        try:
+            guards = _TensorGuards(*every, dynamic_dims_sizes=[list(t.shape) for t in every],
+                                   dynamic_dims_strides=[list(t.stride()) for t in every])
+        except Exception:  # this torch's TensorGuards takes other arguments: the key alone
+            return
+        self._last = (len(tensors), guards, run)
 
 
 def rotate(rotation: Rotation, cos: Tensor, sin: Tensor, tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -105,12 +138,17 @@ class _EagerRotation(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: Tensor | None):
-        if not any(ctx.needs_input_grad[3:]) or all(g is None for g in grads):
-            return (None,) * (3 + len(grads))
+        if len(grads) == 1:  # apply: the common case without generators (host time per layer)
+            if grads[0] is None or not ctx.needs_input_grad[3]:
+                return None, None, None, None
+            # a user's grad_outputs reach here as given: a lazily negated view must be read as values
+            grads = (grads[0].resolve_neg(),)
+        else:
+            if not any(ctx.needs_input_grad[3:]) or all(g is None for g in grads):
+                return (None,) * (3 + len(grads))
+            grads = _filled(grads, ctx.shapes)  # an output that did not reach the loss: zeros
+            grads = tuple(g.resolve_neg() for g in grads)
         cos, sin = ctx.saved_tensors
-        grads = _filled(grads, ctx.shapes)  # an output that did not reach the loss: zeros
-        # a user's grad_outputs reach here as given: a lazily negated view must be read as values
-        grads = tuple(g.resolve_neg() for g in grads)
         back = ctx.rotation.reverse()
         if torch.is_grad_enabled() or functorch_transform() is not None:
             # create_graph=True records the backward too; under jacrev (vmap of the backward) the
