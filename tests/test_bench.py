@@ -195,7 +195,12 @@ def test_gpu_code_paths_with_faked_timers(monkeypatch):
         calls["graph"] += 1
         return 0.004
 
+    def fake_kernels(self, fn, calls=12):
+        fn()
+        return 9.0
+
     mode = {"now": 0}
+    monkeypatch.setattr(timing.Clock, "kernels", fake_kernels)
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
     monkeypatch.setattr(triton.testing, "do_bench_cudagraph", fake_graph)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
@@ -224,12 +229,48 @@ def test_gpu_code_paths_with_faked_timers(monkeypatch):
     graph = {r["implementation"] for r in rows if r["timing"] == "cuda_graph"}
     assert graph == {"eager", "eager-strided", NPU_PATH, baselines.SAME_BYTES_COPY, "empty-triton-launch"}
     assert {r["implementation"] for r in rows if r["timing"] == "do_bench"} == graph | {"syncing"}
+    # every do_bench row of a case has its device-kernel twin (the empty launch is no case)
+    assert {r["implementation"] for r in rows if r["timing"] == "kernels"} == graph - {"empty-triton-launch"} | {"syncing"}
     assert any(s["implementation"] == "syncing" and "not capturable" in s["reason"] for s in skipped)
     assert mode["now"] == 0  # the sync debug mode is restored
     assert calls["graph"] == 5
     doc = {"rows": rows, "default_backend": "eager", "device": {"type": "cuda"}}
     ratio = [s for s in targets.summarize(doc) if "graph replay / empty launch" in s["target"]]
     assert len(ratio) == 1 and ratio[0]["value"] == pytest.approx(1.0) and ratio[0]["met"] is True
+
+
+class _Event:
+    """What timing._per_call_kernel_us reads of a torch.profiler event."""
+
+    def __init__(self, name, start, dur):
+        self.name, self.device_time = name, dur
+        self.device_type = torch.autograd.DeviceType.CUDA
+        self.time_range = type("Range", (), {"start": start, "end": start + dur})()
+
+
+def test_kernel_time_is_summed_between_flushes():
+    flush = "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<int>, ...>"
+    events = [_Event(flush, 0, 60), _Event("rope_kernel", 61, 30), _Event("copy", 92, 5),   # 35
+              _Event(flush, 100, 60), _Event("rope_kernel", 161, 31),                       # 31
+              _Event(flush, 200, 60), _Event("FillFunctor<float>", 261, 2), _Event("rope_kernel", 264, 40)]  # 42
+    cpu = _Event("cpu op", 0, 1000)
+    cpu.device_type = torch.autograd.DeviceType.CPU
+    assert timing._per_call_kernel_us(list(reversed(events)) + [cpu]) == 35
+    assert math.isnan(timing._per_call_kernel_us([_Event(flush, 0, 60)]))
+
+
+def test_targets_are_judged_on_kernel_time_too():
+    def row(impl, t, us, group="qk", scenario="q+k", op="apply_qk"):
+        return {"group": group, "scenario": scenario, "op": op, "shape": "s", "implementation": impl, "timing": t,
+                "us": us, "pct_copy": 90.0, "gbps": 1.0, "tokens": 8, "layout": "neox"}
+    rows = [row("triton", "do_bench", 38.0), row("liger-kernel", "do_bench", 35.0),
+            row("triton", "kernels", 35.3), row("liger-kernel", "kernels", 36.0),
+            row(baselines.SAME_BYTES_COPY, "kernels", 34.0)]
+    doc = {"rows": rows, "default_backend": "triton", "device": {"type": "cuda"}}
+    lines = {s["target"]: s for s in targets.summarize(doc)}
+    assert lines["qk q+k speedup over Liger-Kernel"]["met"] is False
+    assert lines["qk q+k speedup over Liger-Kernel (kernels)"]["met"] is True
+    assert lines["qk q+k s % of a same-bytes copy (kernels)"]["value"] == pytest.approx(100 * 34.0 / 35.3)
 
 
 def test_json_report_and_plot(doc, tmp_path, monkeypatch):

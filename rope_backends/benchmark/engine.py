@@ -20,6 +20,7 @@ changes a backend or a global setting beyond the torch thread count it restores.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import statistics
 import sys
 import time
@@ -133,6 +134,19 @@ def run_case(case: Case, impls: list[Impl], clock: Clock, copy_gbps: float, prog
                 host.append((impl, fn, exact))
             else:
                 rows.append(make_row(case, impl, clock.time(fn), clock.method, copy_gbps, exact, len(sets)))
+                if gpu:
+                    # the device's share of that figure: a peer launched from Python on a slow host
+                    # (or an autograd backward) can outlast the L2 flush, and do_bench then counts
+                    # host time; the kernels' own time after the same flush does not
+                    try:
+                        kus = clock.kernels(fn)
+                    except Exception as exc:
+                        torch.cuda.synchronize()
+                        skipped.append({"group": case.group, "scenario": case.scenario, "implementation": impl.name,
+                                        "timing": "kernels", "reason": f"profiler: {type(exc).__name__}: {exc}"[:300]})
+                    else:
+                        if math.isfinite(kus):
+                            rows.append(make_row(case, impl, kus, "kernels", copy_gbps, exact, len(sets)))
                 if case.group == "backward" and gpu:
                     # as a training loop runs it: calls back to back, one sync at the end, so the
                     # host can run ahead of the device (do_bench serialises each call after an L2
@@ -295,7 +309,9 @@ def _run_device(device, groups, *, quick, scale, impls, skip, progress, command,
             "copy_bandwidth": copy,
             "byte_counting": BYTE_RULE,
             "timing": {"cuda": "triton.testing.do_bench median (L2 flushed before each call) with rotating input "
-                               "buffers; decode sizes also under CUDA-graph replay (do_bench_cudagraph median)",
+                               "buffers; timing 'kernels': the summed device time of the call's kernels after the same "
+                               "flush (torch.profiler, median of 12 calls); decode sizes also under CUDA-graph "
+                               "replay (do_bench_cudagraph median)",
                        "cpu": "torch.utils.benchmark.Timer.blocked_autorange median, torch threads = "
                               f"{torch.get_num_threads()}",
                        "dispatch": "host time per call of back-to-back calls (CPU: the torch Timer)"},

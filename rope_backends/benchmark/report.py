@@ -136,8 +136,9 @@ _PEERS = ("flash-attn", "liger-kernel", "flashinfer", "torch.compile")
 
 def compact_table(doc: dict) -> str:
     """One row per case of the diffusion, qk, llm and mrope groups for the device's default backend
-    (the README's per-device results): its time, % of the copy bandwidth, % of a copy of as many
-    bytes, and the peers' times (bit-exact or not, as measured)."""
+    (the README's per-device results): its time, the device kernels' own time (in brackets, where
+    the run has ``kernels`` rows), % of the copy bandwidth, % of a copy of as many bytes, and the
+    peers' times likewise (bit-exact or not, as measured)."""
     best = doc.get("default_backend")
     rows = doc["rows"]
     timing = "do_bench" if doc["device"]["type"] == "cuda" else "torch_timer"
@@ -149,19 +150,28 @@ def compact_table(doc: dict) -> str:
             continue
         same = [o for o in rows if (o["group"], o["scenario"], o["op"], o["implementation"], o["timing"]) ==
                 (r["group"], r["scenario"], r["op"], "copy-same-bytes", timing)]
+        def kernels_of(name):
+            k = [o for o in rows if (o["group"], o["scenario"], o["op"], o["implementation"], o["timing"]) ==
+                 (r["group"], r["scenario"], r["op"], name, "kernels")]
+            return k[0]["us"] if k else None
+
         peers = []
         for name in _PEERS:
             p = [o for o in rows if (o["group"], o["scenario"], o["op"], o["implementation"], o["timing"]) ==
                  (r["group"], r["scenario"], r["op"], name, timing)]
             if p:
                 mark = "" if p[0]["bit_exact"] else " (not exact)"
-                peers.append(f"{name} {_fmt(p[0]['us'])}{mark}")
+                k = kernels_of(name)
+                device = f" [{_fmt(k)}]" if k is not None else ""
+                peers.append(f"{name} {_fmt(p[0]['us'])}{device}{mark}")
         pct_same = f"{100 * same[0]['us'] / r['us']:.0f} %" if same else "-"
         op = r["op"] + (" in place" if r["group"] in ("qk", "llm") and r["op"] != "apply" else "")
-        out.append([f"{r['group']} {r['scenario']}", op, r["shape"], r["layout"], _fmt(r["us"]), f"{_fmt(r['pct_copy'])} %",
-                    pct_same, "; ".join(peers) or "-"])
-    return _md_table(["case", "op", "shape", "layout", f"{best} µs", "% of copy", "% of same-bytes copy",
-                      "peers, µs"], out, {4, 5, 6})
+        mine = kernels_of(best)
+        out.append([f"{r['group']} {r['scenario']}", op, r["shape"], r["layout"], _fmt(r["us"]),
+                    _fmt(mine) if mine is not None else "-", f"{_fmt(r['pct_copy'])} %", pct_same,
+                    "; ".join(peers) or "-"])
+    return _md_table(["case", "op", "shape", "layout", f"{best} µs", "[kernels µs]", "% of copy",
+                      "% of same-bytes copy", "peers, µs [kernels µs]"], out, {4, 5, 6, 7})
 
 
 def markdown_report(doc: dict, plot: str | None = None) -> str:

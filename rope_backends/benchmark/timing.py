@@ -1,6 +1,7 @@
 """How the benchmark times a call: :class:`Clock` per device, and the rotating input buffers.
 
-GPU (``cuda``): ``triton.testing.do_bench`` (median; L2 flushed before each call) and, for decode
+GPU (``cuda``): ``triton.testing.do_bench`` (median; L2 flushed before each call), the device
+kernels' own time after the same flush (:meth:`Clock.kernels`, torch.profiler) and, for decode
 sizes, CUDA-graph replay (``do_bench_cudagraph``); CPU: ``torch.utils.benchmark.Timer.
 blocked_autorange`` (median); other devices: a host loop ending with a device sync. Host time of
 back-to-back calls (the dispatch group, the backward group's training-loop timing) is
@@ -58,6 +59,23 @@ class Clock:
             return self._torch_timer(fn, 0.05 if self.quick else 0.2)
         return statistics.median(self.host_sample(fn) for _ in range(5 if self.quick else 9))
 
+    def kernels(self, fn: Callable[[], object], calls: int = 12) -> float:
+        """Median summed duration of the device kernels one call of ``fn`` launches, each call after
+        the same L2 flush as :meth:`time` (torch.profiler's CUDA activity). Device time alone: a
+        call whose host time outlasts the flush (a Python launch path on a slow host) shows it in
+        do_bench's figure but not here."""
+        from torch.profiler import ProfilerActivity, profile
+
+        flush = _flush_buffer(self.device)
+        fn()
+        self.sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                flush.zero_()
+                fn()
+            self.sync()
+        return _per_call_kernel_us(prof.events())
+
     def graph(self, fn: Callable[[], object]) -> float:
         """Median time per call of ``fn`` replayed in a CUDA graph (many calls per graph)."""
         from triton.testing import do_bench_cudagraph
@@ -104,6 +122,37 @@ class Clock:
 
         timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
         return float(timer.blocked_autorange(min_run_time=min_run_time).median) * 1e6
+
+
+_FLUSH: dict = {}
+_FLUSH_KERNEL = "FillFunctor<int>"  # zero_() of the int32 flush buffer: what separates the calls
+
+
+def _flush_buffer(device: torch.device) -> torch.Tensor:
+    """256 MB of int32, as triton.testing.do_bench flushes the L2 with (one per device)."""
+    key = str(device)
+    if key not in _FLUSH:
+        _FLUSH[key] = torch.empty(int(256e6 // 4), dtype=torch.int, device=device)
+    return _FLUSH[key]
+
+
+def _per_call_kernel_us(events) -> float:
+    """From profiler events of calls each preceded by the flush kernel: the median over calls of
+    the summed device time of the kernels between two flushes (NaN when none ran)."""
+    device_events = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                            and e.device_time > 0), key=lambda e: e.time_range.start)
+    calls: list[float] = []
+    current = None
+    for e in device_events:
+        if _FLUSH_KERNEL in e.name:
+            if current:
+                calls.append(current)
+            current = 0.0
+        elif current is not None:
+            current += e.device_time
+    if current:
+        calls.append(current)
+    return statistics.median(calls) if calls else float("nan")
 
 
 def cache_bytes(device: torch.device) -> int:
