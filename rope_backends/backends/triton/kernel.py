@@ -85,8 +85,9 @@ def _cache_rows(pos_ptr, p_off, cache_ptr, cache_s0, cache_s1, max_pos, row_ok, 
     valid = (pos >= 0) & (pos < max_pos)
     c_off = tl.where(valid, pos, 0) * cache_s0 + i[None, :] * cache_s1
     c_mask = row_ok[:, None] & pair_ok[None, :] & valid
-    c = _f32(tl.load(cache_ptr + c_off, mask=c_mask, other=0.0), EXACT_CASTS)
-    s = _f32(tl.load(cache_ptr + c_off + HALF * cache_s1, mask=c_mask, other=0.0), EXACT_CASTS)
+    c = _f32(tl.load(cache_ptr + c_off, mask=c_mask, other=0.0, eviction_policy="evict_last"), EXACT_CASTS)
+    s = _f32(tl.load(cache_ptr + c_off + HALF * cache_s1, mask=c_mask, other=0.0, eviction_policy="evict_last"),
+             EXACT_CASTS)
     return tl.where(valid, c, float("nan")), tl.where(valid, s, float("nan"))
 
 
@@ -123,18 +124,21 @@ def _rotate_tile(
     pair_ok = i < HALF
     mask = unit_ok[:, :, None] & pair_ok[None, None, :]                      # [T, H, pairs]
 
-    # ---- the pairs (a, b), loaded first: they do not wait for the position -> cache chain
+    # ---- the pairs (a, b), loaded first: they do not wait for the position -> cache chain. They
+    # are read once: .cg keeps them out of L1, while the cos/sin rows that every head block and
+    # batch of a token re-reads are loaded evict_last, so the stream does not push them out of L2
+    # (bench/studies/cache_hints.py: 2-4 % at 2-16k tokens, the largest shapes even)
     if INTERLEAVED:
         # one contiguous load of the rotated part, split into even/odd elements in registers
         d = tl.arange(0, 2 * BLOCK_HALF)
         d_mask = unit_ok[:, :, None] & (d < ROT)[None, None, :]
         x_off = x_unit[:, :, None] + d[None, None, :] * xsd
-        ab = _f32(tl.load(x_ptr + x_off, mask=d_mask, other=0.0), EXACT_CASTS)
+        ab = _f32(tl.load(x_ptr + x_off, mask=d_mask, other=0.0, cache_modifier=".cg"), EXACT_CASTS)
         a, b = tl.split(tl.reshape(ab, (BLOCK_T, BLOCK_H, BLOCK_HALF, 2)))
     else:
         x_off = x_unit[:, :, None] + i[None, None, :] * xsd
-        a = _f32(tl.load(x_ptr + x_off, mask=mask, other=0.0), EXACT_CASTS)
-        b = _f32(tl.load(x_ptr + x_off + HALF * xsd, mask=mask, other=0.0), EXACT_CASTS)
+        a = _f32(tl.load(x_ptr + x_off, mask=mask, other=0.0, cache_modifier=".cg"), EXACT_CASTS)
+        b = _f32(tl.load(x_ptr + x_off + HALF * xsd, mask=mask, other=0.0, cache_modifier=".cg"), EXACT_CASTS)
 
     # ---- cos/sin of every pair, float32 (reference step 1): once per row unless per head
     if HAS_POSITIONS:
@@ -166,8 +170,10 @@ def _rotate_tile(
         else:
             c_off = c_row[:, None] + i[None, :] * csi
             c_mask = row_ok[:, None] & pair_ok[None, :]
-            c = _f32(tl.load(cos_ptr + c_off, mask=c_mask, other=0.0), EXACT_CASTS)[:, None, :]
-            s = _f32(tl.load(sin_ptr + c_off, mask=c_mask, other=0.0), EXACT_CASTS)[:, None, :]
+            c = _f32(tl.load(cos_ptr + c_off, mask=c_mask, other=0.0, eviction_policy="evict_last"),
+                     EXACT_CASTS)[:, None, :]
+            s = _f32(tl.load(sin_ptr + c_off, mask=c_mask, other=0.0, eviction_policy="evict_last"),
+                     EXACT_CASTS)[:, None, :]
 
     # ---- reference steps 2-3: four rounded products, then one sub / add (no FMA: see launch.py)
     ac = a * c
