@@ -250,7 +250,8 @@ class _Event:
 
 def test_kernel_time_is_summed_between_flushes():
     flush = "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<int>, ...>"
-    events = [_Event(flush, 0, 60), _Event("rope_kernel", 61, 30), _Event("copy", 92, 5),   # 35
+    spin = "at::cuda::(anonymous namespace)::spin_kernel(long)"
+    events = [_Event(flush, 0, 60), _Event(spin, 60, 1), _Event("rope_kernel", 61, 30), _Event("copy", 92, 5),  # 35
               _Event(flush, 100, 60), _Event("rope_kernel", 161, 31),                       # 31
               _Event(flush, 200, 60), _Event("FillFunctor<float>", 261, 2), _Event("rope_kernel", 264, 40)]  # 42
     cpu = _Event("cpu op", 0, 1000)

@@ -1,7 +1,7 @@
 """How the benchmark times a call: :class:`Clock` per device, and the rotating input buffers.
 
 GPU (``cuda``): ``triton.testing.do_bench`` (median; L2 flushed before each call), the device
-kernels' own time after the same flush (:meth:`Clock.kernels`, torch.profiler) and, for decode
+kernels' own time after the same flush and a fixed wait (:meth:`Clock.kernels`, torch.profiler) and, for decode
 sizes, CUDA-graph replay (``do_bench_cudagraph``); CPU: ``torch.utils.benchmark.Timer.
 blocked_autorange`` (median); other devices: a host loop ending with a device sync. Host time of
 back-to-back calls (the dispatch group, the backward group's training-loop timing) is
@@ -61,7 +61,8 @@ class Clock:
 
     def kernels(self, fn: Callable[[], object], calls: int = 12) -> float:
         """Median summed duration of the device kernels one call of ``fn`` launches, each call after
-        the same L2 flush as :meth:`time` (torch.profiler's CUDA activity). Device time alone: a
+        the same L2 flush as :meth:`time` and a fixed wait on the device (torch.profiler's CUDA
+        activity). Device time alone: a
         call whose host time outlasts the flush (a Python launch path on a slow host) shows it in
         do_bench's figure but not here."""
         from torch.profiler import ProfilerActivity, profile
@@ -72,6 +73,11 @@ class Clock:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(calls):
                 flush.zero_()
+                # a fixed wait on the device before the call: every implementation then starts
+                # with the flush's dirty lines written back, however long its host launch takes
+                # (a GPU left idle by a slow launch drains L2 meanwhile, and its kernel then runs
+                # faster: Liger-Kernel's q+k read 33.3 or 36.0 µs with 20 or 7 µs of host gap)
+                torch.cuda._sleep(_DRAIN_CYCLES)
                 fn()
             self.sync()
         return _per_call_kernel_us(prof.events())
@@ -126,6 +132,8 @@ class Clock:
 
 _FLUSH: dict = {}
 _FLUSH_KERNEL = "FillFunctor<int>"  # zero_() of the int32 flush buffer: what separates the calls
+_DRAIN_KERNEL = "spin_kernel"       # torch.cuda._sleep's kernel (not counted)
+_DRAIN_CYCLES = 300_000             # ~150 µs at 2 GHz: longer than a Python launch and the write-back of L2
 
 
 def _flush_buffer(device: torch.device) -> torch.Tensor:
@@ -148,7 +156,7 @@ def _per_call_kernel_us(events) -> float:
             if current:
                 calls.append(current)
             current = 0.0
-        elif current is not None:
+        elif current is not None and _DRAIN_KERNEL not in e.name:
             current += e.device_time
     if current:
         calls.append(current)
