@@ -11,8 +11,9 @@ flash-attn, the same-bytes copy, torch's autograd op), in alternating rounds,
 
 - ``do_bench``: the benchmark's :class:`~rope_backends.benchmark.timing.Clock` figure;
 - ``kernels``: the summed duration of the call's device kernels (torch.profiler / CUPTI), each call
-  after the same L2 flush as do_bench, the median over calls; ``gap``: the time from the flush's end
-  to the first kernel's start (host time the device waited for);
+  right after the same L2 flush as do_bench (no wait between them, unlike the benchmark's kernels
+  rows, which this study led to), the median over calls; ``gap``: the time from the flush's end to
+  the first kernel's start (host time the device waited for);
 - ``graph``: CUDA-graph replay (the benchmark's ``cuda_graph`` timing), where the call is capturable.
 
 Then the host cost of small calls, back to back (``Clock.host_times``): one torch op, ``rb.apply``,
@@ -36,15 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import rope_backends as rb  # noqa: E402
 from rope_backends.benchmark import baselines, implementations, scenarios  # noqa: E402
 from rope_backends.freqs import cos_sin  # noqa: E402
-from rope_backends.benchmark.timing import Clock, buffers, rotating  # noqa: E402
+from rope_backends.benchmark.timing import Clock, _flush_buffer, buffers, rotating  # noqa: E402
 
 KEEP = ("triton", "liger-kernel", "flash-attn", baselines.SAME_BYTES_COPY, baselines.TORCH_AUTOGRAD_OP)
 ROUNDS = 3
 PROFILED_CALLS = 12
-
-
-def _flush_buffer(device) -> torch.Tensor:
-    return torch.empty(int(256e6 // 4), dtype=torch.int, device=device)  # as do_bench's
 
 
 def kernel_times(fn, flush: torch.Tensor) -> tuple[float, float, int]:
