@@ -638,6 +638,43 @@ def test_interpreter_uses_few_programs():
     assert plan.grid == (1, 1, 1)
 
 
+def test_cache_hint_study_variants_still_apply(tmp_path, monkeypatch):
+    """bench/studies/cache_hints.py patches kernel.py's loads and stores by their text: every
+    variant must still apply to the shipped kernel (no hint left behind in its bare form) and stay
+    bit-exact, on q+k with tables and on positions into a cache."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "studies" / "cache_hints.py"
+    spec = importlib.util.spec_from_file_location("_study_cache_hints", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    bare = study._bare(study.KERNEL.read_text())
+    assert 'cache_modifier=".cg")' not in bare and 'eviction_policy="evict_last")' not in bare
+    variants = study._load_variants(tmp_path)
+    assert list(variants) == list(study.VARIANTS)
+    monkeypatch.setattr(launch, "_KERNEL", launch._kernel())
+    q, k = torch.randn(5, 3, 32).to(torch.bfloat16), torch.randn(5, 1, 32).to(torch.bfloat16)
+    cos, sin = rb.cos_sin(torch.arange(5), 32)
+    cache = rb.cos_sin_cache(64, 32)
+    pos = torch.tensor([3, 60, 0, 7, 7])
+    want_qk = reference.run(RopeArgs((q, k), False, Layout.NEOX, 32, cos=cos[:, None], sin=sin[:, None]))
+    want_cached = reference.run(RopeArgs((q, k), False, Layout.INTERLEAVED, 32, positions=pos, cache=cache))
+    try:
+        for name, kernel in variants.items():
+            study._use(kernel)
+            got = rb.apply_qk(q, k, cos[:, None], sin[:, None], backend="triton")
+            for g, w in zip(got, want_qk):
+                assert_bitwise_equal(g, w)
+            qc, kc = q.clone(), k.clone()
+            rb.apply_cached(qc, kc, pos, cache, layout="interleaved", backend="triton")
+            for g, w in zip((qc, kc), want_cached):
+                assert_bitwise_equal(g, w)
+    finally:
+        launch._PLANS.clear()
+        rb.registry.invalidate()
+
+
 def test_interpreter_launches_from_two_threads():
     """The interpreter patches triton.language while it runs a kernel: launches from two threads
     at once raised InterpreterError. They take turns (launch._INTERPRETER_LOCK)."""
