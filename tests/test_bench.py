@@ -239,6 +239,24 @@ def test_gpu_code_paths_with_faked_timers(monkeypatch):
     assert len(ratio) == 1 and ratio[0]["value"] == pytest.approx(1.0) and ratio[0]["met"] is True
 
 
+def test_a_call_without_kernels_is_listed_not_dropped(monkeypatch):
+    import triton.testing
+
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), 0.010)[1])
+    monkeypatch.setattr(timing.Clock, "kernels", lambda self, fn, calls=12: float("nan"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    clock = timing.Clock(torch.device("cpu"), quick=True)
+    clock.type = "cuda"
+    case = scenarios.diffusion_cases("tiny", torch.device("cpu"))[0]
+    impls = [i for i in implementations.for_case(case, torch.device("cpu"), ["eager"], implementations.Options(quick=True))
+             if i.name == "eager"]
+    rows, skipped = [], []
+    engine.run_case(case, impls, clock, 3000.0, engine.Progress(False, 1), rows, skipped)
+    assert [r["timing"] for r in rows] == ["do_bench"]
+    assert [s["timing"] for s in skipped] == ["kernels"] and "no kernel" in skipped[0]["reason"]
+
+
 class _Event:
     """What timing._per_call_kernel_us reads of a torch.profiler event."""
 

@@ -147,6 +147,10 @@ def run_case(case: Case, impls: list[Impl], clock: Clock, copy_gbps: float, prog
                     else:
                         if math.isfinite(kus):
                             rows.append(make_row(case, impl, kus, "kernels", copy_gbps, exact, len(sets)))
+                        else:  # no kernel between two flushes (or another name for the flush's)
+                            skipped.append({"group": case.group, "scenario": case.scenario,
+                                            "implementation": impl.name, "timing": "kernels",
+                                            "reason": "the profiler saw no kernel of the call between two L2 flushes"})
                 if case.group == "backward" and gpu:
                     # as a training loop runs it: calls back to back, one sync at the end, so the
                     # host can run ahead of the device (do_bench serialises each call after an L2
