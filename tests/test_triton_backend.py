@@ -600,14 +600,19 @@ def test_direct_launch_path(monkeypatch):
         for j, name in enumerate(packed):
             kind = ctypes.c_int64 if signature[name] in ("i64",) or signature[name].startswith("*") else ctypes.c_int32
             got[name] = ctypes.cast(block[j], ctypes.POINTER(kind)).contents.value
+        # the parameter block is written and launched under the plan's lock (threads share it)
+        assert all(lk.locked() for lk in locks)
         # the C call's argument types, as the real cuLaunchKernel (no argtypes) receives them
         assert isinstance(function, ctypes.c_void_p) and isinstance(stream, ctypes.c_void_p)
         assert all(type(v) is int for v in (gx, gy, gz, bx, by, bz, shared)) and extra is None
         launched.append(((function.value, gx, gy, gz, bx, shared, stream.value), got))
         return 0
 
+    locks = []
     monkeypatch.setattr(launch, "_LIBCUDA", [cu_launch])
     launch._launch(plan, ptrs)
+    locks.extend(f.block_lock for f in plan.launchers.values())
+    assert locks and not any(lk.locked() for lk in locks)
     launch._launch(plan, ptrs)
     assert [c[0] for c in calls] == ["run"] and len(launched) == 1
     (function, gx_, gy_, gz_, threads, shared, stream), got = launched[0]

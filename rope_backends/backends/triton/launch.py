@@ -476,7 +476,9 @@ def _driver_launcher(compiled, plan: Plan, fallback):
     if stream_of is None or max(gx, gy, gz, threads, shared) >= 1 << 31:
         return None  # a Python int reaches the C call as a C int (no argtypes, see _cu_launch_kernel)
     void_p = ctypes.c_void_p
-    stream_seen = [None, None]  # the last raw stream and the same as a ctypes pointer
+    # the last (raw stream, the same as a ctypes pointer), replaced as one tuple: a thread that
+    # launches on another stream meanwhile never pairs its handle with this one's pointer
+    stream_seen = [(None, None)]
     tail = plan.tail
     working = [True]
     kernel_order = [n for n, _ in pointer_params]
@@ -489,13 +491,20 @@ def _driver_launcher(compiled, plan: Plan, fallback):
         pick = operator.itemgetter(*kernel_order)
     pack = struct.Struct(f"<{len(kernel_order)}Q").pack_into
 
+    # every call of this plan writes its pointers into the one parameter block: writing and
+    # launching (the driver copies the block) go together, or a thread launching the same plan
+    # meanwhile (another stream, a server's worker) could launch with the other's pointers
+    block_lock = threading.Lock()
+
     def launch_direct(addresses):
         if working[0]:
-            pack(pointer_block, 0, *pick(addresses))
             raw = stream_of(device())
-            if raw != stream_seen[0]:
-                stream_seen[0], stream_seen[1] = raw, void_p(raw)
-            err = launch(function, gx, gy, gz, threads, 1, 1, shared, stream_seen[1], params, None)
+            seen = stream_seen[0]
+            if seen[0] != raw:
+                seen = stream_seen[0] = (raw, void_p(raw))
+            with block_lock:
+                pack(pointer_block, 0, *pick(addresses))
+                err = launch(function, gx, gy, gz, threads, 1, 1, shared, seen[1], params, None)
             if not err:
                 return
             if err != _CUDA_ERROR_INVALID_CONTEXT:  # not a thread without a context: never again
@@ -503,6 +512,7 @@ def _driver_launcher(compiled, plan: Plan, fallback):
                 _LIBCUDA[0] = False
         fallback(*addresses, *tail, stream=stream_of(device()))
     launch_direct.storage = (slots, pointer_block, scratch, params)  # kept alive with the function
+    launch_direct.block_lock = block_lock
     return launch_direct
 
 
