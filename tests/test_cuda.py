@@ -166,3 +166,37 @@ def test_direct_launch_is_taken_on_the_gpu():
     plan = launch.plan_for(args)
     assert plan.launchers, "no launch function kept: every call goes through JITFunction.run"
     assert not _differs(again, first)
+
+
+def test_two_threads_on_two_streams_share_one_plan():
+    """Two threads, each on its own stream, call the same signature (one plan, one kept launch
+    function with one parameter block): every result equals the reference. Guards the launch
+    path's lock around writing the block and launching."""
+    import threading
+
+    _triton()
+    cos, sin = rb.cos_sin(torch.arange(64, device=DEV), 128)
+    cos, sin = cos[:, None], sin[:, None]
+    xs = [torch.randn(64, 8, 128, device=DEV).bfloat16() for _ in range(2)]
+    want = [reference.run(RopeArgs((x,), False, Layout.NEOX, 128, cos=cos, sin=sin))[0] for x in xs]
+    for x in xs:
+        rb.apply(x, cos, sin)
+    bad, errors = [0, 0], []
+
+    def work(i):
+        try:
+            stream = torch.cuda.Stream()
+            with torch.cuda.stream(stream):
+                outs = [rb.apply(xs[i], cos, sin) for _ in range(1000)]
+            stream.synchronize()
+            bad[i] = sum(_differs(o, want[i]) for o in outs)
+        except Exception as exc:  # surfaced below: a thread's exception would otherwise vanish
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert bad == [0, 0]
