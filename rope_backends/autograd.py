@@ -26,11 +26,7 @@ from torch import Tensor
 from . import registry
 from .contract import Layout, RopeArgs
 from .modes import functorch_transform
-
-try:
-    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
-except Exception:  # a torch without it: the key alone
-    _TensorGuards = None
+from .signatures import metadata_guard
 
 __all__ = ["Rotation", "rotate", "eager_autograd_runner"]
 
@@ -43,8 +39,9 @@ class Rotation:
     backend's prepared runner per signature of those tensors (a backward sees one or two: its
     gradients' strides), so a repeated call skips the backend's planning."""
 
-    __slots__ = ("backend", "layout", "rotary_dim", "conjugate", "tables", "_runners", "_reverse", "_last")
+    __slots__ = ("backend", "layout", "rotary_dim", "conjugate", "tables", "_runners", "_reverse", "_recent")
     _MAX_RUNNERS = 16
+    _RECENT_SIZE = 4
 
     def __init__(self, backend: registry.Backend, layout: Layout, rotary_dim: int, conjugate: bool,
                  tables: str = "cos") -> None:
@@ -52,9 +49,9 @@ class Rotation:
         self.tables = tables  # the caller's name for where cos/sin came from, for errors
         self._runners: dict[tuple, object] = {}
         self._reverse: Rotation | None = None
-        # (tensor count, C++ guard of the last signature's metadata, its runner): a repeated call
-        # (every backward of a training loop) checks it in one C++ call instead of building the key
-        self._last: tuple | None = None
+        # the last few signatures as (tensor count, C++ guard of their metadata, runner): a repeated
+        # call (every backward of a training loop) checks one in C++ instead of building the key
+        self._recent: list[tuple] = []
 
     def reverse(self) -> "Rotation":
         """The rotation by -theta (the backward), made once."""
@@ -64,13 +61,14 @@ class Rotation:
         return self._reverse
 
     def __call__(self, tensors: tuple[Tensor, ...], cos: Tensor, sin: Tensor) -> tuple[Tensor, ...]:
-        last = self._last
-        if last is not None and len(tensors) == last[0]:
-            try:
-                if last[1].check(*tensors, cos, sin):
-                    return last[2](tensors, cos, sin)
-            except (TypeError, RuntimeError):  # not plain tensors: the key below
-                pass
+        n = len(tensors)
+        for count, guard, run in self._recent:
+            if count == n:
+                try:
+                    if guard.check(*tensors, cos, sin):
+                        return run(tensors, cos, sin)
+                except (TypeError, RuntimeError):  # not plain tensors: the key below
+                    break
         key = (cos.shape, cos.stride(), cos.dtype, sin.stride(), sin.dtype, cos.device)
         for t in tensors:
             key += (t.shape, t.stride(), t.dtype, t.device)
@@ -88,20 +86,15 @@ class Rotation:
         return outs
 
     def _remember(self, tensors: tuple[Tensor, ...], cos: Tensor, sin: Tensor, run) -> None:
-        """Make ``run`` the last signature's runner, behind torch's TensorGuards (what dispatch's
-        recent signatures use: dtype, device, sizes, strides, grad flag and dispatch keys of every
-        tensor, a superset of the key's fields)."""
-        if _TensorGuards is None:
-            return
+        """Put ``run`` at the front of the recent signatures, behind a guard of every tensor's
+        metadata (signatures.metadata_guard: a superset of the key's fields)."""
         every = (*tensors, cos, sin)
         if not all(type(t) is Tensor for t in every):
             return  # a subclass's own metadata is not in the guard
-        try:
-            guards = _TensorGuards(*every, dynamic_dims_sizes=[list(t.shape) for t in every],
-                                   dynamic_dims_strides=[list(t.stride()) for t in every])
-        except Exception:  # this torch's TensorGuards takes other arguments: the key alone
-            return
-        self._last = (len(tensors), guards, run)
+        guard = metadata_guard(every)
+        if guard is not None:
+            self._recent.insert(0, (len(tensors), guard, run))
+            del self._recent[self._RECENT_SIZE:]
 
 
 def rotate(rotation: Rotation, cos: Tensor, sin: Tensor, tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:

@@ -39,6 +39,7 @@ from . import autograd, ops, override, reference, registry  # noqa: F401  (ops: 
 from .contract import Layout, MRope, RopeArgs
 from .memory import memory_guard
 from .modes import dispatch_modes, functorch_transform, jit_trace_state, position_range_checked, traced
+from .signatures import TensorGuards, metadata_guard
 from .validation import args_for_cached, args_for_tables, check_partial_rotary, check_position_range
 
 __all__ = ["apply", "apply_qk", "apply_cached"]
@@ -171,10 +172,7 @@ def _keep(key: tuple | None, run: Callable | None, generation: int, guard: Calla
 # too), dtype, device, sizes, strides and grad flag in one call, ~4x cheaper than building the
 # signature tuple and hashing it. A hit runs the same kept runner as the signature lookup (same
 # generation rule, same memory guard); a miss takes the signature path, which stays the reference.
-try:
-    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
-except Exception:  # a torch without it: the signature path alone
-    _TensorGuards = None
+_TensorGuards = TensorGuards  # None: a torch without it, the signature path alone
 _RECENT_SIZE = 4
 _RECENT_APPLY: list = []
 _RECENT_QK: list = []
@@ -189,10 +187,8 @@ def _remember_recent(recent: list, key: tuple | None, opts: tuple, tensors: tupl
     entry = _RUNNERS.get(key)
     if entry is None:
         return
-    try:
-        guards = _TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
-                               dynamic_dims_strides=[list(t.stride()) for t in tensors])
-    except Exception:  # this torch's TensorGuards takes other arguments: the signature path alone
+    guards = metadata_guard(tensors)
+    if guards is None:  # this torch's TensorGuards takes other arguments: the signature path alone
         return
     recent.insert(0, (opts, guards, entry))
     del recent[_RECENT_SIZE:]

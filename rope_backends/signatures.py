@@ -10,6 +10,9 @@ as validation took it.
 
 What a signature cannot cover (addresses, values) validation.py checks on every hit. This module
 checks nothing itself and imports only contract.py and modes.py.
+
+:func:`metadata_guard` builds the C++ form of a signature's tensor part that the dispatcher's recent
+signatures and autograd.py's rotations check before any Python key is built.
 """
 
 from __future__ import annotations
@@ -20,7 +23,26 @@ from torch import Tensor
 from .contract import Layout
 from .modes import debug_checks, functorch_transform
 
-__all__ = ["table_signature", "known", "remember"]
+__all__ = ["table_signature", "known", "remember", "metadata_guard", "TensorGuards"]
+
+try:
+    from torch._C._dynamo.guards import TensorGuards
+except Exception:  # a torch without it: signature keys alone
+    TensorGuards = None
+
+
+def metadata_guard(tensors: tuple[Tensor, ...]):
+    """torch's TensorGuards of ``tensors`` (what dynamo guards compiled graphs with): their type,
+    dispatch keys (so torch's negative bit too), dtype, device, sizes, strides and grad flag,
+    checked in one C++ call by ``guard.check(*tensors)``. None where this torch has no
+    TensorGuards or its constructor takes other arguments."""
+    if TensorGuards is None:
+        return None
+    try:
+        return TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
+                            dynamic_dims_strides=[list(t.stride()) for t in tensors])
+    except Exception:
+        return None
 
 # signature -> (layout, rotary_dim, value_checks)
 _TABLE_SIGNATURES: dict[tuple, tuple[Layout, int, bool]] = {}
