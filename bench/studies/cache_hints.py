@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from rope_backends import registry  # noqa: E402
 from rope_backends.backends.triton import launch  # noqa: E402
-from rope_backends.benchmark import baselines, implementations, scenarios  # noqa: E402
+from rope_backends.benchmark import baselines, implementations, report, scenarios  # noqa: E402
 from rope_backends.benchmark.timing import Clock, buffers, rotating  # noqa: E402
 from rope_backends.testing.check import bitwise_mismatches  # noqa: E402
 
@@ -126,9 +125,10 @@ def main() -> int:
                     if i.name == "triton"][0]
             copy = baselines.same_bytes_copy(case.nbytes, device)
             sets = [case.make(s) for s in range(buffers(case.nbytes, device))]
-            def fresh():  # in-place calls rotate the sets while they are timed: check on pristine copies
-                return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in pristine.items()}
             pristine = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in sets[0].items()}
+
+            def fresh(pristine=pristine):  # in-place calls rotate the sets while they are timed: check on pristine copies
+                return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in pristine.items()}
             want = case.reference(fresh(), case.layout)
             res: dict = {}
             exact: dict = {}
@@ -158,11 +158,7 @@ def main() -> int:
                          "bytes": case.nbytes, "results": res, "bit_exact": exact})
             del sets, pristine
             torch.cuda.empty_cache()
-    doc = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-           "triton": __import__("triton").__version__, "variants": list(VARIANTS), "rows": rows}
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cache-hints-study.json").write_text(json.dumps(doc, indent=1) + "\n")
+    report.write_study({"variants": list(kernels), "rows": rows}, a.out, "cache-hints-study.json")
     return 0
 
 

@@ -25,7 +25,6 @@ do-nothing Python ``autograd.Function``, with torch's autograd worker thread on 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -35,9 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import rope_backends as rb  # noqa: E402
-from rope_backends.benchmark import baselines, implementations, scenarios  # noqa: E402
+from rope_backends.benchmark import baselines, implementations, report, scenarios  # noqa: E402
 from rope_backends.freqs import cos_sin  # noqa: E402
-from rope_backends.benchmark.timing import Clock, _flush_buffer, buffers, rotating  # noqa: E402
+from rope_backends.benchmark.timing import Clock, _flush_buffer, buffers, per_call_kernels, rotating  # noqa: E402
 
 KEEP = ("triton", "liger-kernel", "flash-attn", baselines.SAME_BYTES_COPY, baselines.TORCH_AUTOGRAD_OP)
 ROUNDS = 3
@@ -55,30 +54,11 @@ def kernel_times(fn, flush: torch.Tensor) -> tuple[float, float, int]:
             flush.zero_()
             fn()
         torch.cuda.synchronize()
-    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                     and e.device_time > 0), key=lambda e: e.time_range.start)
-    calls, current, flush_end = [], None, None
-    for e in events:
-        is_flush = "FillFunctor" in e.name or "fill" in e.name.lower()
-        if is_flush:
-            if current:
-                calls.append(current)
-            current = {"sum": 0.0, "gap": None, "n": 0}
-            flush_end = e.time_range.end
-            continue
-        if current is None:
-            continue
-        if current["gap"] is None:
-            current["gap"] = e.time_range.start - flush_end
-        current["sum"] += e.device_time
-        current["n"] += 1
-    if current:
-        calls.append(current)
-    calls = [c for c in calls if c["n"]]
+    calls = per_call_kernels(prof.events())
     if not calls:
         return float("nan"), float("nan"), 0
-    return (statistics.median(c["sum"] for c in calls), statistics.median(c["gap"] for c in calls),
-            int(statistics.median(c["n"] for c in calls)))
+    return (statistics.median(c[0] for c in calls), statistics.median(c[1] for c in calls),
+            int(statistics.median(c[2] for c in calls)))
 
 
 def device_rows(groups, device, clock, flush) -> list[dict]:
@@ -250,15 +230,12 @@ def main() -> int:
     device = torch.device("cuda", torch.cuda.current_device())
     clock = Clock(device, quick=False)
     flush = _flush_buffer(device)
-    doc = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-           "triton": __import__("triton").__version__, "rounds": ROUNDS, "profiled_calls": PROFILED_CALLS}
+    doc = {"rounds": ROUNDS, "profiled_calls": PROFILED_CALLS}
     if not a.no_host:
         doc["host"] = host_rows(device, clock)
         doc["host_profiles"] = host_profiles(device)
     doc["rows"] = device_rows([g for g in a.groups.split(",") if g], device, clock, flush)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kernel-time-study.json").write_text(json.dumps(doc, indent=1) + "\n")
+    report.write_study(doc, a.out, "kernel-time-study.json")
     return 0
 
 

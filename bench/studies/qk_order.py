@@ -20,7 +20,6 @@ below 64 MB). Writes ``qk-timing-study.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import sys
@@ -32,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from rope_backends.backends.triton import launch, tune, tuning  # noqa: E402
+from rope_backends.benchmark import report  # noqa: E402
 from rope_backends.testing.check import bitwise_mismatches  # noqa: E402
 
 W = tune.Workload
@@ -135,10 +135,7 @@ def timing_methods(out: Path) -> None:
             print(f"  {name:24s} {med['one_set']:8.2f} {med['rotating']:8.2f} {med['graph']:8.2f}", flush=True)
         rows.append({"workload": w.name, "bytes": nbytes, "results": results})
         del sets, src, dst
-    doc = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-           "triton": __import__("triton").__version__, "rows": rows}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "qk-timing-study.json").write_text(json.dumps(doc, indent=1) + "\n")
+    report.write_study({"rows": rows}, out, "qk-timing-study.json")
 
 
 def main() -> int:
@@ -193,12 +190,8 @@ def main() -> int:
               f"{best[False][0]:8.2f} {best[False][1]}  rows {best[True][0]:8.2f} {best[True][1]} | liger "
               f"{'-' if liger is None else f'{liger:8.2f}'}", flush=True)
         del sets, fresh, want
-    doc = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-           "triton": __import__("triton").__version__, "timing": "rope_backends tune's (do_bench median >= 64 MB, "
-           "else CUDA-graph replays over input sets that leave L2)", "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "qk-order-study.json").write_text(json.dumps(doc, indent=1) + "\n")
+    report.write_study({"timing": "rope_backends tune's (do_bench median >= 64 MB, else CUDA-graph replays over "
+                                  "input sets that leave L2)", "rows": rows}, args.out, "qk-order-study.json")
     return 0
 
 

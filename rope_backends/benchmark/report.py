@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .scenarios import GROUPS
 
-__all__ = ["SCHEMA", "load", "format_tables", "compact_table", "markdown_report", "write_json", "write_plot", "render",
+__all__ = ["SCHEMA", "load", "format_tables", "compact_table", "markdown_report", "write_json", "write_study", "write_plot", "render",
            "default_out_dir"]
 
 SCHEMA = "rope_backends.bench/1"
@@ -199,6 +199,21 @@ def write_json(doc: dict, out_dir: str | Path, suffix: str = "") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{doc['device_label']}-{doc['date']}{suffix}.json"
     path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    return path
+
+
+def write_study(doc: dict, out_dir: str | Path, name: str) -> Path:
+    """A one-off study's results (bench/studies/): ``<out_dir>/<name>``, headed by the current CUDA
+    device's name and the torch and triton versions. Returns its path."""
+    import torch
+    import triton
+
+    head = {"device": torch.cuda.get_device_name(torch.cuda.current_device()), "torch": torch.__version__,
+            "triton": triton.__version__}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(json.dumps({**head, **doc}, indent=1) + "\n")
     return path
 
 

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["Clock", "cache_bytes", "buffers", "rotating", "synchronises"]
+__all__ = ["Clock", "cache_bytes", "buffers", "rotating", "synchronises", "per_call_kernels"]
 
 ROTATE_CAP = {"cuda": 64, "cpu": 8}   # at most this many rotated input buffers
 
@@ -62,9 +62,8 @@ class Clock:
     def kernels(self, fn: Callable[[], object], calls: int = 12) -> float:
         """Median summed duration of the device kernels one call of ``fn`` launches, each call after
         the same L2 flush as :meth:`time` and a fixed wait on the device (torch.profiler's CUDA
-        activity). Device time alone: a
-        call whose host time outlasts the flush (a Python launch path on a slow host) shows it in
-        do_bench's figure but not here."""
+        activity). Device time alone: a call whose host time outlasts the flush (a Python launch
+        path on a slow host) shows it in do_bench's figure but not here."""
         from torch.profiler import ProfilerActivity, profile
 
         flush = _flush_buffer(self.device)
@@ -144,23 +143,33 @@ def _flush_buffer(device: torch.device) -> torch.Tensor:
     return _FLUSH[key]
 
 
-def _per_call_kernel_us(events) -> float:
-    """From profiler events of calls each preceded by the flush kernel: the median over calls of
-    the summed device time of the kernels between two flushes (NaN when none ran)."""
+def per_call_kernels(events) -> list[tuple[float, float, int]]:
+    """From profiler events of calls each preceded by the flush kernel: per call that ran a kernel,
+    (summed device µs of its kernels, µs from the flush's end to its first kernel, kernel count).
+    The fixed wait's kernel is neither counted nor a call's first kernel."""
     device_events = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
                             and e.device_time > 0), key=lambda e: e.time_range.start)
-    calls: list[float] = []
-    current = None
+    calls: list[tuple[float, float, int]] = []
+    current = None  # [sum, gap, count, flush end]
     for e in device_events:
         if _FLUSH_KERNEL in e.name:
-            if current:
-                calls.append(current)
-            current = 0.0
+            if current and current[2]:
+                calls.append((current[0], current[1], current[2]))
+            current = [0.0, None, 0, e.time_range.end]
         elif current is not None and _DRAIN_KERNEL not in e.name:
-            current += e.device_time
-    if current:
-        calls.append(current)
-    return statistics.median(calls) if calls else float("nan")
+            if current[1] is None:
+                current[1] = e.time_range.start - current[3]
+            current[0] += e.device_time
+            current[2] += 1
+    if current and current[2]:
+        calls.append((current[0], current[1], current[2]))
+    return calls
+
+
+def _per_call_kernel_us(events) -> float:
+    """The median over calls of their kernels' summed device time (NaN when none ran)."""
+    calls = per_call_kernels(events)
+    return statistics.median(c[0] for c in calls) if calls else float("nan")
 
 
 def cache_bytes(device: torch.device) -> int:
