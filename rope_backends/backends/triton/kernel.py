@@ -14,6 +14,8 @@ they differ per head (``COS_PER_HEAD``). Constexprs select the variant:
     HAS_K          a second tensor (k) is served by the programs after the first ``q_programs``
     QK_BY_ROW      with HAS_K: program ids run row block by row block, each row block's q head
                    blocks then its k head blocks, so q and k of one token are in flight together
+    ROW_PROGRAMS   one program per row block serves every head of q (and k), BLOCK_H at a time,
+                   with its cos/sin (or position -> cache rows) loaded once (not with COS_PER_HEAD)
     COPY_PASS      copy dims ``[ROT, HEAD_DIM)`` to the output (out of place, partial rotary_dim)
     COS_PER_HEAD   cos/sin vary along the heads (else they broadcast over them)
     INT64          index arithmetic in int64 (some operand spans 2**31 elements or more)
@@ -92,55 +94,36 @@ def _cache_rows(pos_ptr, p_off, cache_ptr, cache_s0, cache_s1, max_pos, row_ok, 
 
 
 @triton.jit
-def _rotate_tile(
-    # the tensor this program serves and its output (the same pointer when in place)
-    x_ptr, o_ptr, row_block, head_block, rows, L1, L2, heads,
-    xs0, xs1, xs2, xsh, xsd,          # input strides: lead dims L0, L1, L2, heads, head_dim
-    os0, os1, os2, osh, osd,          # output strides, likewise
-    # explicit cos/sin (apply, apply_qk): half form, strides as broadcast to this tensor
-    cos_ptr, sin_ptr, cs0, cs1, cs2, csh, csi,
-    # positions into a cache (apply_cached)
-    pos_ptr, ps0, ps1, ps2, psr,      # positions strides over L0, L1, L2; psr: the 3 MRoPE rows
-    cache_ptr, cache_s0, cache_s1, max_pos, axis_ptr,
-    INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr, HAS_POSITIONS: tl.constexpr,
-    MROPE: tl.constexpr, COPY_PASS: tl.constexpr, COS_PER_HEAD: tl.constexpr, EXACT_CASTS: tl.constexpr,
-    ROT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    HALF: tl.constexpr = ROT // 2
-    BLOCK_HALF: tl.constexpr = triton.next_power_of_2(HALF)
-
-    # ---- the tile: rows [BLOCK_T] (decomposed into the lead dims) x heads [BLOCK_H] x pairs
+def _rows(row_block, rows, L1, L2, BLOCK_T: tl.constexpr):
+    """The tile's rows ``[BLOCK_T]`` as indices into the lead dims ``[L0, L1, L2]``, and which exist."""
     r = row_block * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = r < rows
     l2 = r % L2  # L1 and L2 are usually 1 after collapsing; Triton specialises 1, so this folds
     t = r // L2
-    l1 = t % L1
-    l0 = t // L1
+    return t // L1, t % L1, l2, r < rows
+
+
+@triton.jit
+def _units(l0, l1, l2, row_ok, head_block, heads, xs0, xs1, xs2, xsh, os0, os1, os2, osh,
+           BLOCK_H: tl.constexpr):
+    """The tile's heads ``[BLOCK_H]``; input and output offsets of each (row, head) ``[T, H]``."""
     h = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
-    unit_ok = row_ok[:, None] & (h < heads)[None, :]                          # [T, H]
+    unit_ok = row_ok[:, None] & (h < heads)[None, :]
     x_unit = (l0 * xs0 + l1 * xs1 + l2 * xs2)[:, None] + h[None, :] * xsh
     o_unit = (l0 * os0 + l1 * os1 + l2 * os2)[:, None] + h[None, :] * osh
-    i = tl.arange(0, BLOCK_HALF)
+    return h, unit_ok, x_unit, o_unit
+
+
+@triton.jit
+def _cos_sin(l0, l1, l2, row_ok, h, unit_ok,
+             cos_ptr, sin_ptr, cs0, cs1, cs2, csh, csi,
+             pos_ptr, ps0, ps1, ps2, psr, cache_ptr, cache_s0, cache_s1, max_pos, axis_ptr,
+             HAS_POSITIONS: tl.constexpr, MROPE: tl.constexpr, COS_PER_HEAD: tl.constexpr,
+             EXACT_CASTS: tl.constexpr, ROT: tl.constexpr):
+    """cos, sin float32 of every pair (reference step 1), ``[T, 1, pairs]`` (shared by the heads)
+    or ``[T, H, pairs]`` (``COS_PER_HEAD``: heads ``h``, those in ``unit_ok [T, H]``)."""
+    HALF: tl.constexpr = ROT // 2
+    i = tl.arange(0, triton.next_power_of_2(HALF))
     pair_ok = i < HALF
-    mask = unit_ok[:, :, None] & pair_ok[None, None, :]                      # [T, H, pairs]
-
-    # ---- the pairs (a, b), loaded first: they do not wait for the position -> cache chain. They
-    # are read once: .cg keeps them out of L1, while the cos/sin rows that every head block and
-    # batch of a token re-reads are loaded evict_last, so the stream does not push them out of L2
-    # (bench/studies/cache_hints.py: 2-4 % at 2-16k tokens, the largest shapes even)
-    if INTERLEAVED:
-        # one contiguous load of the rotated part, split into even/odd elements in registers
-        d = tl.arange(0, 2 * BLOCK_HALF)
-        d_mask = unit_ok[:, :, None] & (d < ROT)[None, None, :]
-        x_off = x_unit[:, :, None] + d[None, None, :] * xsd
-        ab = _f32(tl.load(x_ptr + x_off, mask=d_mask, other=0.0, cache_modifier=".cg"), EXACT_CASTS)
-        a, b = tl.split(tl.reshape(ab, (BLOCK_T, BLOCK_H, BLOCK_HALF, 2)))
-    else:
-        x_off = x_unit[:, :, None] + i[None, None, :] * xsd
-        a = _f32(tl.load(x_ptr + x_off, mask=mask, other=0.0, cache_modifier=".cg"), EXACT_CASTS)
-        b = _f32(tl.load(x_ptr + x_off + HALF * xsd, mask=mask, other=0.0, cache_modifier=".cg"), EXACT_CASTS)
-
-    # ---- cos/sin of every pair, float32 (reference step 1): once per row unless per head
     if HAS_POSITIONS:
         p_row = l0 * ps0 + l1 * ps1 + l2 * ps2
         if MROPE:
@@ -165,6 +148,7 @@ def _rotate_tile(
         c_row = l0 * cs0 + l1 * cs1 + l2 * cs2
         if COS_PER_HEAD:
             c_off = (c_row[:, None] + h[None, :] * csh)[:, :, None] + i[None, None, :] * csi
+            mask = unit_ok[:, :, None] & pair_ok[None, None, :]
             c = _f32(tl.load(cos_ptr + c_off, mask=mask, other=0.0), EXACT_CASTS)
             s = _f32(tl.load(sin_ptr + c_off, mask=mask, other=0.0), EXACT_CASTS)
         else:
@@ -174,8 +158,43 @@ def _rotate_tile(
                      EXACT_CASTS)[:, None, :]
             s = _f32(tl.load(sin_ptr + c_off, mask=c_mask, other=0.0, eviction_policy="evict_last"),
                      EXACT_CASTS)[:, None, :]
+    return c, s
 
-    # ---- reference steps 2-3: four rounded products, then one sub / add (no FMA: see launch.py)
+
+@triton.jit
+def _load_pairs(x_ptr, x_unit, unit_ok, xsd, INTERLEAVED: tl.constexpr, EXACT_CASTS: tl.constexpr,
+                ROT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The pairs (a, b) of the tile, float32 ``[T, H, pairs]`` each. They are read once: .cg keeps
+    them out of L1, while the cos/sin rows that every head block and batch of a token re-reads are
+    loaded evict_last, so the stream does not push them out of L2 (bench/studies/cache_hints.py:
+    2-4 % at 2-16k tokens, the largest shapes even)."""
+    HALF: tl.constexpr = ROT // 2
+    BLOCK_HALF: tl.constexpr = triton.next_power_of_2(HALF)
+    if INTERLEAVED:
+        # one contiguous load of the rotated part, split into even/odd elements in registers
+        d = tl.arange(0, 2 * BLOCK_HALF)
+        d_mask = unit_ok[:, :, None] & (d < ROT)[None, None, :]
+        x_off = x_unit[:, :, None] + d[None, None, :] * xsd
+        ab = _f32(tl.load(x_ptr + x_off, mask=d_mask, other=0.0, cache_modifier=".cg"), EXACT_CASTS)
+        a, b = tl.split(tl.reshape(ab, (BLOCK_T, BLOCK_H, BLOCK_HALF, 2)))
+    else:
+        i = tl.arange(0, BLOCK_HALF)
+        mask = unit_ok[:, :, None] & (i < HALF)[None, None, :]
+        x_off = x_unit[:, :, None] + i[None, None, :] * xsd
+        a = _f32(tl.load(x_ptr + x_off, mask=mask, other=0.0, cache_modifier=".cg"), EXACT_CASTS)
+        b = _f32(tl.load(x_ptr + x_off + HALF * xsd, mask=mask, other=0.0, cache_modifier=".cg"), EXACT_CASTS)
+    return a, b
+
+
+@triton.jit
+def _rotate_store(a, b, c, s, x_ptr, o_ptr, x_unit, o_unit, unit_ok, xsd, osd,
+                  INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr, COPY_PASS: tl.constexpr,
+                  EXACT_CASTS: tl.constexpr, ROT: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Reference steps 2-5 on the tile: four rounded products, one sub / add (no FMA: see
+    launch.py), the round to the output dtype, the store; then the pass-through part."""
+    HALF: tl.constexpr = ROT // 2
+    BLOCK_HALF: tl.constexpr = triton.next_power_of_2(HALF)
     ac = a * c
     bs = b * s
     bc = b * c
@@ -192,20 +211,72 @@ def _rotate_tile(
         b_new = _round_to(bc + as_, o_ptr.dtype.element_ty, EXACT_CASTS)
 
     if INTERLEAVED:
+        d = tl.arange(0, 2 * BLOCK_HALF)
+        d_mask = unit_ok[:, :, None] & (d < ROT)[None, None, :]
         ab_new = tl.reshape(tl.join(a_new, b_new), (BLOCK_T, BLOCK_H, 2 * BLOCK_HALF))
         tl.store(o_ptr + o_unit[:, :, None] + d[None, None, :] * osd, ab_new, mask=d_mask)
     else:
+        i = tl.arange(0, BLOCK_HALF)
+        mask = unit_ok[:, :, None] & (i < HALF)[None, None, :]
         o_off = o_unit[:, :, None] + i[None, None, :] * osd
         tl.store(o_ptr + o_off, a_new, mask=mask)
         tl.store(o_ptr + o_off + HALF * osd, b_new, mask=mask)
 
-    # ---- reference step 5: the pass-through part, bit for bit (out of place only)
+    # reference step 5: the pass-through part, bit for bit (out of place only)
     if COPY_PASS:
         BLOCK_PASS: tl.constexpr = triton.next_power_of_2(HEAD_DIM - ROT)
         j = ROT + tl.arange(0, BLOCK_PASS)
         j_mask = unit_ok[:, :, None] & (j < HEAD_DIM)[None, None, :]
         keep = tl.load(x_ptr + x_unit[:, :, None] + j[None, None, :] * xsd, mask=j_mask)
         tl.store(o_ptr + o_unit[:, :, None] + j[None, None, :] * osd, keep, mask=j_mask)
+
+
+@triton.jit
+def _rotate_tile(
+    # the tensor this program serves and its output (the same pointer when in place)
+    x_ptr, o_ptr, row_block, head_block, rows, L1, L2, heads,
+    xs0, xs1, xs2, xsh, xsd,          # input strides: lead dims L0, L1, L2, heads, head_dim
+    os0, os1, os2, osh, osd,          # output strides, likewise
+    # explicit cos/sin (apply, apply_qk): half form, strides as broadcast to this tensor
+    cos_ptr, sin_ptr, cs0, cs1, cs2, csh, csi,
+    # positions into a cache (apply_cached)
+    pos_ptr, ps0, ps1, ps2, psr,      # positions strides over L0, L1, L2; psr: the 3 MRoPE rows
+    cache_ptr, cache_s0, cache_s1, max_pos, axis_ptr,
+    INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr, HAS_POSITIONS: tl.constexpr,
+    MROPE: tl.constexpr, COPY_PASS: tl.constexpr, COS_PER_HEAD: tl.constexpr, EXACT_CASTS: tl.constexpr,
+    ROT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """One tile: ``BLOCK_T`` rows x ``BLOCK_H`` heads of one tensor."""
+    l0, l1, l2, row_ok = _rows(row_block, rows, L1, L2, BLOCK_T)
+    h, unit_ok, x_unit, o_unit = _units(l0, l1, l2, row_ok, head_block, heads, xs0, xs1, xs2, xsh,
+                                        os0, os1, os2, osh, BLOCK_H)
+    # the pairs first: they do not wait for the position -> cache chain
+    a, b = _load_pairs(x_ptr, x_unit, unit_ok, xsd, INTERLEAVED, EXACT_CASTS, ROT, BLOCK_T, BLOCK_H)
+    c, s = _cos_sin(l0, l1, l2, row_ok, h, unit_ok, cos_ptr, sin_ptr, cs0, cs1, cs2, csh, csi,
+                    pos_ptr, ps0, ps1, ps2, psr, cache_ptr, cache_s0, cache_s1, max_pos, axis_ptr,
+                    HAS_POSITIONS, MROPE, COS_PER_HEAD, EXACT_CASTS, ROT)
+    _rotate_store(a, b, c, s, x_ptr, o_ptr, x_unit, o_unit, unit_ok, xsd, osd,
+                  INTERLEAVED, CONJUGATE, COPY_PASS, EXACT_CASTS, ROT, HEAD_DIM, BLOCK_T, BLOCK_H)
+
+
+@triton.jit
+def _rotate_heads(
+    x_ptr, o_ptr, l0, l1, l2, row_ok, head_blocks, heads, xs0, xs1, xs2, xsh, xsd, os0, os1, os2, osh, osd,
+    c, s, INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr, COPY_PASS: tl.constexpr,
+    INT64: tl.constexpr, EXACT_CASTS: tl.constexpr, ROT: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Every head of one tensor on these rows, ``BLOCK_H`` at a time, with cos/sin ``c``, ``s``
+    already loaded (``ROW_PROGRAMS``)."""
+    for hb in range(0, head_blocks):
+        head_block = hb
+        if INT64:
+            head_block = head_block.to(tl.int64)
+        h, unit_ok, x_unit, o_unit = _units(l0, l1, l2, row_ok, head_block, heads, xs0, xs1, xs2, xsh,
+                                            os0, os1, os2, osh, BLOCK_H)
+        a, b = _load_pairs(x_ptr, x_unit, unit_ok, xsd, INTERLEAVED, EXACT_CASTS, ROT, BLOCK_T, BLOCK_H)
+        _rotate_store(a, b, c, s, x_ptr, o_ptr, x_unit, o_unit, unit_ok, xsd, osd,
+                      INTERLEAVED, CONJUGATE, COPY_PASS, EXACT_CASTS, ROT, HEAD_DIM, BLOCK_T, BLOCK_H)
 
 
 @triton.jit
@@ -225,14 +296,30 @@ def rope_kernel(
     # positions strides over L0, L1, L2 and between the 3 MRoPE rows; cache strides and rows
     ps0, ps1, ps2, psr, cache_s0, cache_s1, max_pos,
     INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr, HAS_POSITIONS: tl.constexpr, MROPE: tl.constexpr,
-    HAS_K: tl.constexpr, QK_BY_ROW: tl.constexpr, COPY_PASS: tl.constexpr, COS_PER_HEAD: tl.constexpr,
-    INT64: tl.constexpr, EXACT_CASTS: tl.constexpr, ROT: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_K: tl.constexpr, QK_BY_ROW: tl.constexpr, ROW_PROGRAMS: tl.constexpr, COPY_PASS: tl.constexpr,
+    COS_PER_HEAD: tl.constexpr, INT64: tl.constexpr, EXACT_CASTS: tl.constexpr, ROT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
-    if HAS_K:
+    if ROW_PROGRAMS:
+        # program = row block: cos/sin (or the position -> cache chain) once, then every head of
+        # q and of k, BLOCK_H at a time (Liger-Kernel's one program per token, generalised)
+        tl.static_assert(not COS_PER_HEAD, "ROW_PROGRAMS shares one cos/sin row between all heads")
+        l0, l1, l2, row_ok = _rows(pid, rows, L1, L2, BLOCK_T)
+        no_heads = tl.arange(0, 1)
+        c, s = _cos_sin(l0, l1, l2, row_ok, no_heads, row_ok[:, None], cos_ptr, sin_ptr, cs0, cs1, cs2, csh, csi,
+                        pos_ptr, ps0, ps1, ps2, psr, cache_ptr, cache_s0, cache_s1, max_pos, axis_ptr,
+                        HAS_POSITIONS, MROPE, COS_PER_HEAD, EXACT_CASTS, ROT)
+        _rotate_heads(q_ptr, qo_ptr, l0, l1, l2, row_ok, q_head_blocks, q_heads,
+                      qs0, qs1, qs2, qsh, qsd, qos0, qos1, qos2, qosh, qosd, c, s,
+                      INTERLEAVED, CONJUGATE, COPY_PASS, INT64, EXACT_CASTS, ROT, HEAD_DIM, BLOCK_T, BLOCK_H)
+        if HAS_K:
+            _rotate_heads(k_ptr, ko_ptr, l0, l1, l2, row_ok, k_head_blocks, k_heads,
+                          ks0, ks1, ks2, ksh, ksd, kos0, kos1, kos2, kosh, kosd, c, s,
+                          INTERLEAVED, CONJUGATE, COPY_PASS, INT64, EXACT_CASTS, ROT, HEAD_DIM, BLOCK_T, BLOCK_H)
+    elif HAS_K:
         if QK_BY_ROW:
             # the same tiles in another order: map this program to the id it has when all of q's
             # tiles come first (the order below is written once, for that numbering)
