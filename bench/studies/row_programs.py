@@ -11,7 +11,8 @@ bench``: the q+k shapes, serving, MRoPE, the diffusion shapes) this times the sh
 same tile with ``ROW_PROGRAMS``, a few other row-program tiles and, for q+k, Liger-Kernel (when
 importable), each checked bit for bit against the reference first, in alternating rounds: do_bench
 (the benchmark's figure) and the device kernels' time after the same L2 flush. Writes
-``row-programs-study.json``.
+``row-programs-study.json``. Two variants drop the kernel's ``.cg`` load hint (Liger's loads have
+none): the shipped tile, and a row program of 32 heads (Liger's own shape for q 24 / k 8 heads).
 """
 
 from __future__ import annotations
@@ -33,21 +34,44 @@ from rope_backends.benchmark.timing import Clock, buffers, rotating  # noqa: E40
 from rope_backends.testing.check import bitwise_mismatches  # noqa: E402
 
 CASES = {("qk", "q+k 4096x24/8"), ("qk", "q+k 32760x12/4"), ("qk", "q+k 115200x24/8"),
-         ("llm", "T=16"), ("llm", "T=4096"), ("llm", "T=16384"),
+         ("llm", "T=4096"), ("llm", "T=16384"),
          ("mrope", "plain"), ("mrope", "qwen3-vl interleaved[24,20,20]"),
          ("diffusion", "batch2-4k"), ("diffusion", "video-33k")}
-TILES = ((1, 8, 2), (1, 8, 4), (2, 8, 4), (1, 4, 2), (1, 32, 4), (4, 8, 8))
+TILES = ((1, 8, 4), (2, 8, 4), (1, 16, 4), (1, 32, 2), (1, 32, 4), (1, 32, 8), (2, 32, 8))
+KERNEL = ROOT / "rope_backends" / "backends" / "triton" / "kernel.py"
+
+
+def _without_cg():
+    """kernel.py with its loads' .cg hint removed (Liger-Kernel's loads have none), from a temp file."""
+    import importlib.util
+    import tempfile
+
+    path = Path(tempfile.mkdtemp()) / "rope_kernel_without_cg.py"
+    path.write_text(KERNEL.read_text().replace(', cache_modifier=".cg"', ""))
+    spec = importlib.util.spec_from_file_location("rope_kernel_without_cg", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.rope_kernel
 
 
 def _variants(default_tile) -> dict:
-    """label -> set_config arguments (None: the shipped plan)."""
-    out = {"shipped": None, f"rows {tuple(default_tile)}": (tuple(default_tile), True)}
+    """label -> (tile, row_programs, without .cg) for set_config (None: the shipped plan)."""
+    out = {"shipped": None, f"rows {tuple(default_tile)}": (tuple(default_tile), True, False)}
     for tile in TILES:
-        out.setdefault(f"rows {tile}", (tile, True))
+        out.setdefault(f"rows {tile}", (tile, True, False))
+    out["shipped, no .cg"] = (tuple(default_tile), False, True)
+    out["rows (1, 32, 4), no .cg"] = ((1, 32, 4), True, True)
     return out
 
 
+_KERNELS: dict = {}
+
+
 def _configure(cfg) -> None:
+    if not _KERNELS:
+        _KERNELS[False] = launch._kernel()
+        _KERNELS[True] = _without_cg()
+    launch._KERNEL = _KERNELS[bool(cfg and cfg[2])]
     if cfg is None:
         launch.set_config(None)
     else:
@@ -73,8 +97,10 @@ def main() -> int:
                 continue
             impls = {i.name: i for i in implementations.for_case(case, device, ["triton"],
                                                                   implementations.Options(progress=False))}
+            if case.op == "apply_qk" and "liger-kernel" not in impls:
+                print("  (Liger-Kernel not importable: no peer row)")
             triton_impl = impls["triton"]
-            peer = impls.get("liger") if case.op == "apply_qk" else None
+            peer = impls.get("liger-kernel") if case.op == "apply_qk" else None
             copy = baselines.same_bytes_copy(case.nbytes, device)
             sets = [case.make(s) for s in range(buffers(case.nbytes, device))]
             pristine = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in sets[0].items()}
@@ -123,7 +149,8 @@ def main() -> int:
                       f"({100 * (k / base - 1):+5.1f} %)  bit-exact {exact.get(vname, '-')}", flush=True)
             rows.append({"group": case.group, "scenario": case.scenario, "op": case.op, "shape": case.shape,
                          "bytes": case.nbytes, "shipped_tile": list(plan.tile),
-                         "variants": {k: (None if v is None else {"tile": list(v[0]), "row_programs": v[1]})
+                         "variants": {k: (None if v is None else {"tile": list(v[0]), "row_programs": v[1],
+                                                                  "without_cg": v[2]})
                                       for k, v in variants.items()},
                          "results": res, "bit_exact": exact})
             del sets, pristine

@@ -104,9 +104,11 @@ def _rows(row_block, rows, L1, L2, BLOCK_T: tl.constexpr):
 
 @triton.jit
 def _units(l0, l1, l2, row_ok, head_block, heads, xs0, xs1, xs2, xsh, os0, os1, os2, osh,
-           BLOCK_H: tl.constexpr):
+           INT64: tl.constexpr, BLOCK_H: tl.constexpr):
     """The tile's heads ``[BLOCK_H]``; input and output offsets of each (row, head) ``[T, H]``."""
     h = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
+    if INT64:
+        h = h.to(tl.int64)
     unit_ok = row_ok[:, None] & (h < heads)[None, :]
     x_unit = (l0 * xs0 + l1 * xs1 + l2 * xs2)[:, None] + h[None, :] * xsh
     o_unit = (l0 * os0 + l1 * os1 + l2 * os2)[:, None] + h[None, :] * osh
@@ -244,12 +246,13 @@ def _rotate_tile(
     cache_ptr, cache_s0, cache_s1, max_pos, axis_ptr,
     INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr, HAS_POSITIONS: tl.constexpr,
     MROPE: tl.constexpr, COPY_PASS: tl.constexpr, COS_PER_HEAD: tl.constexpr, EXACT_CASTS: tl.constexpr,
-    ROT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    INT64: tl.constexpr, ROT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """One tile: ``BLOCK_T`` rows x ``BLOCK_H`` heads of one tensor."""
     l0, l1, l2, row_ok = _rows(row_block, rows, L1, L2, BLOCK_T)
     h, unit_ok, x_unit, o_unit = _units(l0, l1, l2, row_ok, head_block, heads, xs0, xs1, xs2, xsh,
-                                        os0, os1, os2, osh, BLOCK_H)
+                                        os0, os1, os2, osh, INT64, BLOCK_H)
     # the pairs first: they do not wait for the position -> cache chain
     a, b = _load_pairs(x_ptr, x_unit, unit_ok, xsd, INTERLEAVED, EXACT_CASTS, ROT, BLOCK_T, BLOCK_H)
     c, s = _cos_sin(l0, l1, l2, row_ok, h, unit_ok, cos_ptr, sin_ptr, cs0, cs1, cs2, csh, csi,
@@ -261,19 +264,17 @@ def _rotate_tile(
 
 @triton.jit
 def _rotate_heads(
-    x_ptr, o_ptr, l0, l1, l2, row_ok, head_blocks, heads, xs0, xs1, xs2, xsh, xsd, os0, os1, os2, osh, osd,
+    x_ptr, o_ptr, l0, l1, l2, row_ok, first_block, head_blocks, heads,
+    xs0, xs1, xs2, xsh, xsd, os0, os1, os2, osh, osd,
     c, s, INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr, COPY_PASS: tl.constexpr,
     INT64: tl.constexpr, EXACT_CASTS: tl.constexpr, ROT: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """Every head of one tensor on these rows, ``BLOCK_H`` at a time, with cos/sin ``c``, ``s``
-    already loaded (``ROW_PROGRAMS``)."""
-    for hb in range(0, head_blocks):
-        head_block = hb
-        if INT64:
-            head_block = head_block.to(tl.int64)
+    """Head blocks ``[first_block, head_blocks)`` of one tensor on these rows, with cos/sin
+    ``c``, ``s`` already loaded (``ROW_PROGRAMS``)."""
+    for head_block in range(first_block, head_blocks):
         h, unit_ok, x_unit, o_unit = _units(l0, l1, l2, row_ok, head_block, heads, xs0, xs1, xs2, xsh,
-                                            os0, os1, os2, osh, BLOCK_H)
+                                            os0, os1, os2, osh, INT64, BLOCK_H)
         a, b = _load_pairs(x_ptr, x_unit, unit_ok, xsd, INTERLEAVED, EXACT_CASTS, ROT, BLOCK_T, BLOCK_H)
         _rotate_store(a, b, c, s, x_ptr, o_ptr, x_unit, o_unit, unit_ok, xsd, osd,
                       INTERLEAVED, CONJUGATE, COPY_PASS, EXACT_CASTS, ROT, HEAD_DIM, BLOCK_T, BLOCK_H)
@@ -304,19 +305,33 @@ def rope_kernel(
     if INT64:
         pid = pid.to(tl.int64)
     if ROW_PROGRAMS:
-        # program = row block: cos/sin (or the position -> cache chain) once, then every head of
-        # q and of k, BLOCK_H at a time (Liger-Kernel's one program per token, generalised)
+        # program = row block: cos/sin (or the position -> cache chain) once for every head of q
+        # and of k, BLOCK_H at a time (Liger-Kernel's one program per token, generalised). The
+        # first head blocks of q and of k are loaded before either is stored: a store may alias
+        # a later load, so nothing after it is hoisted above it, and one DRAM round trip per
+        # program serves both tensors when BLOCK_H covers their heads
         tl.static_assert(not COS_PER_HEAD, "ROW_PROGRAMS shares one cos/sin row between all heads")
         l0, l1, l2, row_ok = _rows(pid, rows, L1, L2, BLOCK_T)
-        no_heads = tl.arange(0, 1)
-        c, s = _cos_sin(l0, l1, l2, row_ok, no_heads, row_ok[:, None], cos_ptr, sin_ptr, cs0, cs1, cs2, csh, csi,
+        q_h, q_ok, q_unit, qo_unit = _units(l0, l1, l2, row_ok, 0, q_heads, qs0, qs1, qs2, qsh,
+                                            qos0, qos1, qos2, qosh, INT64, BLOCK_H)
+        qa, qb = _load_pairs(q_ptr, q_unit, q_ok, qsd, INTERLEAVED, EXACT_CASTS, ROT, BLOCK_T, BLOCK_H)
+        if HAS_K:
+            _, k_ok, k_unit, ko_unit = _units(l0, l1, l2, row_ok, 0, k_heads, ks0, ks1, ks2, ksh,
+                                              kos0, kos1, kos2, kosh, INT64, BLOCK_H)
+            ka, kb = _load_pairs(k_ptr, k_unit, k_ok, ksd, INTERLEAVED, EXACT_CASTS, ROT, BLOCK_T, BLOCK_H)
+        c, s = _cos_sin(l0, l1, l2, row_ok, q_h, q_ok, cos_ptr, sin_ptr, cs0, cs1, cs2, csh, csi,
                         pos_ptr, ps0, ps1, ps2, psr, cache_ptr, cache_s0, cache_s1, max_pos, axis_ptr,
                         HAS_POSITIONS, MROPE, COS_PER_HEAD, EXACT_CASTS, ROT)
-        _rotate_heads(q_ptr, qo_ptr, l0, l1, l2, row_ok, q_head_blocks, q_heads,
+        _rotate_store(qa, qb, c, s, q_ptr, qo_ptr, q_unit, qo_unit, q_ok, qsd, qosd,
+                      INTERLEAVED, CONJUGATE, COPY_PASS, EXACT_CASTS, ROT, HEAD_DIM, BLOCK_T, BLOCK_H)
+        if HAS_K:
+            _rotate_store(ka, kb, c, s, k_ptr, ko_ptr, k_unit, ko_unit, k_ok, ksd, kosd,
+                          INTERLEAVED, CONJUGATE, COPY_PASS, EXACT_CASTS, ROT, HEAD_DIM, BLOCK_T, BLOCK_H)
+        _rotate_heads(q_ptr, qo_ptr, l0, l1, l2, row_ok, 1, q_head_blocks, q_heads,
                       qs0, qs1, qs2, qsh, qsd, qos0, qos1, qos2, qosh, qosd, c, s,
                       INTERLEAVED, CONJUGATE, COPY_PASS, INT64, EXACT_CASTS, ROT, HEAD_DIM, BLOCK_T, BLOCK_H)
         if HAS_K:
-            _rotate_heads(k_ptr, ko_ptr, l0, l1, l2, row_ok, k_head_blocks, k_heads,
+            _rotate_heads(k_ptr, ko_ptr, l0, l1, l2, row_ok, 1, k_head_blocks, k_heads,
                           ks0, ks1, ks2, ksh, ksd, kos0, kos1, kos2, kosh, kosd, c, s,
                           INTERLEAVED, CONJUGATE, COPY_PASS, INT64, EXACT_CASTS, ROT, HEAD_DIM, BLOCK_T, BLOCK_H)
     elif HAS_K:
@@ -336,7 +351,7 @@ def rope_kernel(
                 cos_ptr, sin_ptr, cs0, cs1, cs2, csh, csi,
                 pos_ptr, ps0, ps1, ps2, psr, cache_ptr, cache_s0, cache_s1, max_pos, axis_ptr,
                 INTERLEAVED, CONJUGATE, HAS_POSITIONS, MROPE, COPY_PASS, COS_PER_HEAD, EXACT_CASTS,
-                ROT, HEAD_DIM, BLOCK_T, BLOCK_H,
+                INT64, ROT, HEAD_DIM, BLOCK_T, BLOCK_H,
             )
         else:
             _rotate_tile(
@@ -345,7 +360,7 @@ def rope_kernel(
                 cos_ptr, sin_ptr, cs0, cs1, cs2, csh, csi,
                 pos_ptr, ps0, ps1, ps2, psr, cache_ptr, cache_s0, cache_s1, max_pos, axis_ptr,
                 INTERLEAVED, CONJUGATE, HAS_POSITIONS, MROPE, COPY_PASS, COS_PER_HEAD, EXACT_CASTS,
-                ROT, HEAD_DIM, BLOCK_T, BLOCK_H,
+                INT64, ROT, HEAD_DIM, BLOCK_T, BLOCK_H,
             )
     else:
         _rotate_tile(
@@ -354,5 +369,5 @@ def rope_kernel(
             cos_ptr, sin_ptr, cs0, cs1, cs2, csh, csi,
             pos_ptr, ps0, ps1, ps2, psr, cache_ptr, cache_s0, cache_s1, max_pos, axis_ptr,
             INTERLEAVED, CONJUGATE, HAS_POSITIONS, MROPE, COPY_PASS, COS_PER_HEAD, EXACT_CASTS,
-            ROT, HEAD_DIM, BLOCK_T, BLOCK_H,
+            INT64, ROT, HEAD_DIM, BLOCK_T, BLOCK_H,
         )
