@@ -423,18 +423,14 @@ def test_forced_tile_applies_and_restores():
     assert launch.plan_for(_args(x, cos, cos)).tile != tuning.Tile(2, 2, 1)
 
 
-_ORDERS = {"tensors": dict(qk_by_row=False, row_programs=False), "rows": dict(qk_by_row=True, row_programs=False),
-           "row programs": dict(row_programs=True)}
-
-
-@pytest.mark.parametrize("order", list(_ORDERS))
+@pytest.mark.parametrize("qk_by_row", [False, True])
 @pytest.mark.parametrize("kind", ["table", "cached", "mrope"])
 @pytest.mark.parametrize("layout", [Layout.NEOX, Layout.INTERLEAVED])
 @pytest.mark.parametrize("heads", [(6, 2), (6,)], ids=["q+k", "q"])
-def test_program_orders(order, kind, layout, heads):
-    """Every program order (kernel.py's QK_BY_ROW, ROW_PROGRAMS) serves every tile of q and of k
-    exactly once: several row blocks with a ragged last one, q and k with different head-block
-    counts, a ragged last head block, partial rotary out of place (the pass-through copy)."""
+def test_program_orders(qk_by_row, kind, layout, heads):
+    """Both q+k program orders (kernel.py's QK_BY_ROW) serve every tile of q and of k exactly once:
+    several row blocks with a ragged last one, q and k with different head-block counts, a ragged
+    last head block, partial rotary out of place (the pass-through copy)."""
     g = torch.Generator().manual_seed(7)
     xs = tuple(torch.randn(7, h, 40, generator=g).to(torch.bfloat16) for h in heads)
     if kind == "table":
@@ -446,30 +442,15 @@ def test_program_orders(order, kind, layout, heads):
         pos = torch.randint(0, 64, (3, 7) if m else (7,), generator=g)
         args = RopeArgs(xs, False, layout, 32, positions=pos, cache=cache, mrope=m)
     try:
-        launch.set_config(2, 4, 1, **_ORDERS[order])
+        launch.set_config(2, 4, 1, qk_by_row=qk_by_row)
         plan = launch.plan_for(args)
-        assert plan.values["ROW_PROGRAMS"] is (order == "row programs")
-        assert plan.values["QK_BY_ROW"] is (order == "rows" and len(xs) == 2)
-        row_blocks, head_blocks = 4, sum(-(-h // 4) for h in heads)
-        assert plan.grid == ((row_blocks if order == "row programs" else row_blocks * head_blocks), 1, 1)
+        assert plan.values["QK_BY_ROW"] is (qk_by_row and len(xs) == 2)
+        assert plan.grid == (4 * sum(-(-h // 4) for h in heads), 1, 1)
         got = launch.forward(args)
     finally:
         launch.set_config(None)
     for g_, w in zip(got, reference.run(args)):
         assert_bitwise_equal(g_, w)
-
-
-def test_row_programs_never_with_per_head_cos():
-    """Per-head cos/sin cannot be shared by all heads of a row: the plan keeps one program per tile."""
-    x = torch.randn(5, 4, 32)
-    cos = torch.rand(5, 4, 16)
-    try:
-        launch.set_config(2, 2, 1, row_programs=True)
-        plan = launch.plan_for(_args(x, cos, cos))
-        assert plan.values["COS_PER_HEAD"] and not plan.values["ROW_PROGRAMS"]
-        assert_bitwise_equal(launch.forward(_args(x, cos, cos))[0], reference.run(_args(x, cos, cos))[0])
-    finally:
-        launch.set_config(None)
 
 
 def test_qk_program_order_default():

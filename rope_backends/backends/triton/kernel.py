@@ -14,8 +14,6 @@ they differ per head (``COS_PER_HEAD``). Constexprs select the variant:
     HAS_K          a second tensor (k) is served by the programs after the first ``q_programs``
     QK_BY_ROW      with HAS_K: program ids run row block by row block, each row block's q head
                    blocks then its k head blocks, so q and k of one token are in flight together
-    ROW_PROGRAMS   one program per row block serves every head of q (and k), BLOCK_H at a time,
-                   with its cos/sin (or position -> cache rows) loaded once (not with COS_PER_HEAD)
     COPY_PASS      copy dims ``[ROT, HEAD_DIM)`` to the output (out of place, partial rotary_dim)
     COS_PER_HEAD   cos/sin vary along the heads (else they broadcast over them)
     INT64          index arithmetic in int64 (some operand spans 2**31 elements or more)
@@ -263,24 +261,6 @@ def _rotate_tile(
 
 
 @triton.jit
-def _rotate_heads(
-    x_ptr, o_ptr, l0, l1, l2, row_ok, first_block, head_blocks, heads,
-    xs0, xs1, xs2, xsh, xsd, os0, os1, os2, osh, osd,
-    c, s, INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr, COPY_PASS: tl.constexpr,
-    INT64: tl.constexpr, EXACT_CASTS: tl.constexpr, ROT: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    """Head blocks ``[first_block, head_blocks)`` of one tensor on these rows, with cos/sin
-    ``c``, ``s`` already loaded (``ROW_PROGRAMS``)."""
-    for head_block in range(first_block, head_blocks):
-        h, unit_ok, x_unit, o_unit = _units(l0, l1, l2, row_ok, head_block, heads, xs0, xs1, xs2, xsh,
-                                            os0, os1, os2, osh, INT64, BLOCK_H)
-        a, b = _load_pairs(x_ptr, x_unit, unit_ok, xsd, INTERLEAVED, EXACT_CASTS, ROT, BLOCK_T, BLOCK_H)
-        _rotate_store(a, b, c, s, x_ptr, o_ptr, x_unit, o_unit, unit_ok, xsd, osd,
-                      INTERLEAVED, CONJUGATE, COPY_PASS, EXACT_CASTS, ROT, HEAD_DIM, BLOCK_T, BLOCK_H)
-
-
-@triton.jit
 def rope_kernel(
     # pointers (unused ones are None: their constexpr branch is compiled out)
     q_ptr, qo_ptr, k_ptr, ko_ptr, cos_ptr, sin_ptr, pos_ptr, cache_ptr, axis_ptr,
@@ -297,44 +277,14 @@ def rope_kernel(
     # positions strides over L0, L1, L2 and between the 3 MRoPE rows; cache strides and rows
     ps0, ps1, ps2, psr, cache_s0, cache_s1, max_pos,
     INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr, HAS_POSITIONS: tl.constexpr, MROPE: tl.constexpr,
-    HAS_K: tl.constexpr, QK_BY_ROW: tl.constexpr, ROW_PROGRAMS: tl.constexpr, COPY_PASS: tl.constexpr,
-    COS_PER_HEAD: tl.constexpr, INT64: tl.constexpr, EXACT_CASTS: tl.constexpr, ROT: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_K: tl.constexpr, QK_BY_ROW: tl.constexpr, COPY_PASS: tl.constexpr, COS_PER_HEAD: tl.constexpr,
+    INT64: tl.constexpr, EXACT_CASTS: tl.constexpr, ROT: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
-    if ROW_PROGRAMS:
-        # program = row block: cos/sin (or the position -> cache chain) once for every head of q
-        # and of k, BLOCK_H at a time (Liger-Kernel's one program per token, generalised). The
-        # first head blocks of q and of k are loaded before either is stored: a store may alias
-        # a later load, so nothing after it is hoisted above it, and one DRAM round trip per
-        # program serves both tensors when BLOCK_H covers their heads
-        tl.static_assert(not COS_PER_HEAD, "ROW_PROGRAMS shares one cos/sin row between all heads")
-        l0, l1, l2, row_ok = _rows(pid, rows, L1, L2, BLOCK_T)
-        q_h, q_ok, q_unit, qo_unit = _units(l0, l1, l2, row_ok, 0, q_heads, qs0, qs1, qs2, qsh,
-                                            qos0, qos1, qos2, qosh, INT64, BLOCK_H)
-        qa, qb = _load_pairs(q_ptr, q_unit, q_ok, qsd, INTERLEAVED, EXACT_CASTS, ROT, BLOCK_T, BLOCK_H)
-        if HAS_K:
-            _, k_ok, k_unit, ko_unit = _units(l0, l1, l2, row_ok, 0, k_heads, ks0, ks1, ks2, ksh,
-                                              kos0, kos1, kos2, kosh, INT64, BLOCK_H)
-            ka, kb = _load_pairs(k_ptr, k_unit, k_ok, ksd, INTERLEAVED, EXACT_CASTS, ROT, BLOCK_T, BLOCK_H)
-        c, s = _cos_sin(l0, l1, l2, row_ok, q_h, q_ok, cos_ptr, sin_ptr, cs0, cs1, cs2, csh, csi,
-                        pos_ptr, ps0, ps1, ps2, psr, cache_ptr, cache_s0, cache_s1, max_pos, axis_ptr,
-                        HAS_POSITIONS, MROPE, COS_PER_HEAD, EXACT_CASTS, ROT)
-        _rotate_store(qa, qb, c, s, q_ptr, qo_ptr, q_unit, qo_unit, q_ok, qsd, qosd,
-                      INTERLEAVED, CONJUGATE, COPY_PASS, EXACT_CASTS, ROT, HEAD_DIM, BLOCK_T, BLOCK_H)
-        if HAS_K:
-            _rotate_store(ka, kb, c, s, k_ptr, ko_ptr, k_unit, ko_unit, k_ok, ksd, kosd,
-                          INTERLEAVED, CONJUGATE, COPY_PASS, EXACT_CASTS, ROT, HEAD_DIM, BLOCK_T, BLOCK_H)
-        _rotate_heads(q_ptr, qo_ptr, l0, l1, l2, row_ok, 1, q_head_blocks, q_heads,
-                      qs0, qs1, qs2, qsh, qsd, qos0, qos1, qos2, qosh, qosd, c, s,
-                      INTERLEAVED, CONJUGATE, COPY_PASS, INT64, EXACT_CASTS, ROT, HEAD_DIM, BLOCK_T, BLOCK_H)
-        if HAS_K:
-            _rotate_heads(k_ptr, ko_ptr, l0, l1, l2, row_ok, 1, k_head_blocks, k_heads,
-                          ks0, ks1, ks2, ksh, ksd, kos0, kos1, kos2, kosh, kosd, c, s,
-                          INTERLEAVED, CONJUGATE, COPY_PASS, INT64, EXACT_CASTS, ROT, HEAD_DIM, BLOCK_T, BLOCK_H)
-    elif HAS_K:
+    if HAS_K:
         if QK_BY_ROW:
             # the same tiles in another order: map this program to the id it has when all of q's
             # tiles come first (the order below is written once, for that numbering)

@@ -51,7 +51,6 @@ _INT32_LIMIT = 2**31 - 1
 _PLANS: dict[tuple, "Plan | str | None"] = {}   # signature -> plan (None: split; _SEPARATE: q, k apart)
 _FORCED: tuning.Tile | None = None              # a tile forced for every call (sweeps, tests)
 _FORCED_QK_BY_ROW: bool | None = None           # the q+k program order forced likewise
-_FORCED_ROW_PROGRAMS: bool | None = None        # one program per row block forced likewise
 _SEPARATE = "separate"
 _NEOX = Layout.NEOX
 _KERNEL = None
@@ -101,16 +100,14 @@ class Plan:
 
 
 def set_config(block_t: int | None, block_h: int | None = None, num_warps: int | None = None, *,
-               qk_by_row: bool | None = None, row_programs: bool | None = None) -> None:
+               qk_by_row: bool | None = None) -> None:
     """Force the tile of every call (sweeps and tests): ``BLOCK_T`` rows x ``BLOCK_H`` heads per
     program and ``num_warps``; ``set_config(None)`` restores the device table / rule. ``qk_by_row``
-    forces the program order of q+k launches (kernel.py's ``QK_BY_ROW``), ``row_programs`` one
-    program per row block over all heads (``ROW_PROGRAMS``, never with per-head cos/sin); None:
-    the default. Clears the plan cache and the dispatcher's prepared runners."""
-    global _FORCED, _FORCED_QK_BY_ROW, _FORCED_ROW_PROGRAMS
+    forces the program order of q+k launches (kernel.py's ``QK_BY_ROW``; None: the default).
+    Clears the plan cache and the dispatcher's prepared runners."""
+    global _FORCED, _FORCED_QK_BY_ROW
     _FORCED = None if block_t is None else tuning.Tile(int(block_t), int(block_h or 1), int(num_warps or 4))
     _FORCED_QK_BY_ROW = None if qk_by_row is None else bool(qk_by_row)
-    _FORCED_ROW_PROGRAMS = None if row_programs is None else bool(row_programs)
     _PLANS.clear()
     registry.invalidate()  # runners prepared for the dispatcher hold plans
 
@@ -741,8 +738,6 @@ def _build(args: RopeArgs, pairs) -> "Plan | str | None":
     row_blocks = -(-rows // tile.block_t)
     programs = [row_blocks * hb for hb in head_blocks]
     int64 = max(extents) > _INT32_LIMIT or sum(programs) * tile.block_t * tile.block_h > _INT32_LIMIT
-    row_programs = not cos_per_head and (_row_programs(shape) if _FORCED_ROW_PROGRAMS is None
-                                         else _FORCED_ROW_PROGRAMS)
 
     def tensor_values(prefix: str, n: int) -> dict:
         h, sh, sd, osh, osd = per_tensor[n]
@@ -771,9 +766,7 @@ def _build(args: RopeArgs, pairs) -> "Plan | str | None":
         HAS_POSITIONS=args.cache is not None,
         MROPE=mrope,
         HAS_K=len(pairs) == 2,
-        QK_BY_ROW=len(pairs) == 2 and not row_programs and (_qk_by_row(shape) if _FORCED_QK_BY_ROW is None
-                                                             else _FORCED_QK_BY_ROW),
-        ROW_PROGRAMS=row_programs,
+        QK_BY_ROW=len(pairs) == 2 and (_qk_by_row(shape) if _FORCED_QK_BY_ROW is None else _FORCED_QK_BY_ROW),
         COPY_PASS=copy_pass,
         COS_PER_HEAD=cos_per_head,
         INT64=int64,
@@ -788,8 +781,7 @@ def _build(args: RopeArgs, pairs) -> "Plan | str | None":
     tail = tuple(values[name] for name in names[pointers:])  # KeyError: kernel and plan disagree
     if len(values) != len(tail):
         raise RuntimeError(f"plan values {sorted(set(values) - set(_ARG_NAMES))} are no rope_kernel parameters")
-    grid = (row_blocks if row_programs else sum(programs), 1, 1)
-    return Plan(values, grid, tile.num_warps, contiguous_cos, dummy_cache, tail)
+    return Plan(values, (sum(programs), 1, 1), tile.num_warps, contiguous_cos, dummy_cache, tail)
 
 
 def _qk_by_row(shape: tuning.Shape) -> bool:
@@ -797,11 +789,6 @@ def _qk_by_row(shape: tuning.Shape) -> bool:
     115,200 tokens, 4 % at 32,760, even at 2 x 4,096; bench/studies/qk_order.py); q's tiles first
     with positions, where the two orders measured within 1-3 % either way."""
     return shape.kind == "table"
-
-
-def _row_programs(shape: tuning.Shape) -> bool:
-    """One program per row block over all heads (kernel.py's ``ROW_PROGRAMS``): not by default."""
-    return False
 
 
 def plan_for(args: RopeArgs) -> "Plan | str | None":
