@@ -177,6 +177,44 @@ def test_in_place_peers_are_checked_on_fresh_inputs():
     assert len(rope) == 3 and all(r["bit_exact"] for r in rope)
 
 
+def test_gpu_implementations_are_timed_in_alternating_rounds(monkeypatch):
+    """On a GPU every implementation of a case is timed once per round, the order rotated each
+    round, and each row is the median over the rounds (not whoever ran after a slow neighbour);
+    one that fails while timed is skipped with its reason and the others keep their rows."""
+    case = scenarios.diffusion_cases("tiny", torch.device("cpu"))[0]
+    order, figures = [], {"a": [5.0, 1.0, 3.0], "b": [2.0, 9.0, 4.0]}
+
+    class FakeClock:
+        type, quick, rounds, method = "cuda", False, 3, "do_bench"
+
+        def time(self, fn, rounds=1):
+            assert rounds == 3
+            name = fn()
+            order.append(name)
+            if name == "broken":
+                raise RuntimeError("launch failed")
+            return figures[name][sum(1 for n in order if n == name) - 1]
+
+        def kernels(self, fn):
+            fn()
+            return 7.0
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    def named(name):
+        def fn():
+            return name
+        return fn
+    timed = [(Impl(n, "peer", None), named(n), True) for n in ("a", "b", "broken")]
+    rows, skipped = [], []
+    engine._time_in_rounds(case, timed, FakeClock(), 1.0, engine.Progress(False, 1), rows, skipped, 1)
+    assert order == ["a", "b", "broken", "b", "a", "a", "b"]  # rotated each round; broken dropped after round 1
+    got = {(r["implementation"], r["timing"]): r["us"] for r in rows}
+    assert got == {("a", "do_bench"): 3.0, ("b", "do_bench"): 4.0, ("a", "kernels"): 7.0, ("b", "kernels"): 7.0}
+    assert [s["implementation"] for s in skipped] == ["broken"] and "launch failed" in skipped[0]["reason"]
+
+
 def test_gpu_code_paths_with_faked_timers(monkeypatch):
     """The CUDA-only plumbing (graph rows, the capturability pre-check, the empty-launch baseline,
     the GPU targets) on CPU tensors, with Triton's timers and the torch.cuda calls faked (the

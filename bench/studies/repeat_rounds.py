@@ -13,6 +13,8 @@ rounds, every round on freshly allocated inputs (new addresses):
   shipped tile and of a few larger tiles (fewer programs) vs an empty Triton launch.
 
 Prints the median, min and max of each ratio over the rounds; writes ``repeat-rounds-study.json``.
+``--engine``: instead, the benchmark engine's ``run_case`` on q+k 4096x24/8 with the implementations
+in several orders and subsets (``engine-orders-study.json``).
 """
 
 from __future__ import annotations
@@ -113,13 +115,48 @@ def decode_rounds(device, clock, rounds: int) -> list[dict]:
     return out
 
 
+def engine_orders(device, clock, repeats: int) -> list[dict]:
+    """The benchmark engine's own ``run_case`` on q+k 4096x24/8 with the implementations in several
+    orders and subsets: does Liger-Kernel's figure depend on what ran before it in the case?"""
+    from rope_backends.benchmark import engine
+
+    case = next(c for c in scenarios.cases("qk", "gpu", device) if c.scenario == "q+k 4096x24/8")
+    names, _ = implementations.backend_names("cuda")
+    full = implementations.for_case(case, device, names, implementations.Options(progress=False))
+    by_name = {i.name: i for i in full}
+    t, lg = by_name["triton"], by_name["liger-kernel"]
+    rest = [i for i in full if i.name not in ("triton", "liger-kernel")]
+    orders = {"the benchmark's list": full,
+              "triton, liger": [t, lg],
+              "liger, triton": [lg, t],
+              "the list, triton last": [i for i in full if i is not t] + [t],
+              "the list, liger first": [lg] + [i for i in full if i is not lg]}
+    for other in rest:  # which one, run before, changes what follows (in-place rotation of the sets, GPU state)
+        orders[f"{other.name}, triton, liger"] = [other, t, lg]
+    out = []
+    for rep in range(repeats):
+        for label, impls in orders.items():
+            rows: list = []
+            engine.run_case(case, impls, clock, 1.0, engine.Progress(False, 1), rows, [])
+            picked = {f"{r['implementation']} ({r['timing']})": r["us"] for r in rows
+                      if r["implementation"] in ("triton", "liger-kernel")}
+            print(f"  [{rep}] {label:22s} " + "  ".join(f"{k} {v:7.2f}" for k, v in sorted(picked.items())), flush=True)
+            out.append({"repeat": rep, "order": label, "us": picked})
+            torch.cuda.empty_cache()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=".")
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--engine", action="store_true", help="only the engine-order check (see engine_orders)")
     a = ap.parse_args()
     device = torch.device("cuda", torch.cuda.current_device())
     clock = Clock(device, quick=False)
+    if a.engine:
+        report.write_study({"engine_orders": engine_orders(device, clock, 2)}, a.out, "engine-orders-study.json")
+        return 0
     doc = {"rounds": a.rounds, "qk": qk_rounds(device, clock, a.rounds),
            "decode": decode_rounds(device, clock, a.rounds)}
     report.write_study(doc, a.out, "repeat-rounds-study.json")

@@ -115,6 +115,7 @@ def run_case(case: Case, impls: list[Impl], clock: Clock, copy_gbps: float, prog
     pristine = _clone(sets[0])  # in-place implementations rotate the sets while they are timed
     refs: dict[str, tuple] = {}
     host: list[tuple[Impl, Callable, bool]] = []  # dispatch: timed together at the end
+    timed: list[tuple[Impl, Callable, bool]] = []  # GPU: timed in alternating rounds below
     for impl in impls:
         progress.show(f"{case.group} {case.scenario} {case.op}: {impl.name}")
         layout = impl.layout or case.layout
@@ -127,37 +128,99 @@ def run_case(case: Case, impls: list[Impl], clock: Clock, copy_gbps: float, prog
                 outs = check()
                 exact = _equal([t.detach() for t in outs], refs[layout])
                 del check, outs
-            fns = [impl.prepare(s) for s in sets]
-            fn = rotating(fns)
+            fn = rotating([impl.prepare(s) for s in sets])
             if case.host:
                 fn()
                 host.append((impl, fn, exact))
+            elif gpu:
+                fn()  # compiled and warm before any implementation is timed
+                timed.append((impl, fn, exact))
             else:
                 rows.append(make_row(case, impl, clock.time(fn), clock.method, copy_gbps, exact, len(sets)))
-                if gpu:
-                    # the device's share of that figure: a peer launched from Python on a slow host
-                    # (or an autograd backward) can outlast the L2 flush, and do_bench then counts
-                    # host time; the kernels' own time after the same flush does not
-                    try:
-                        kus = clock.kernels(fn)
-                    except Exception as exc:
-                        torch.cuda.synchronize()
-                        skipped.append({"group": case.group, "scenario": case.scenario, "implementation": impl.name,
-                                        "timing": "kernels", "reason": f"profiler: {type(exc).__name__}: {exc}"[:300]})
-                    else:
-                        if math.isfinite(kus):
-                            rows.append(make_row(case, impl, kus, "kernels", copy_gbps, exact, len(sets)))
-                        else:  # no kernel between two flushes (or another name for the flush's)
-                            skipped.append({"group": case.group, "scenario": case.scenario,
-                                            "implementation": impl.name, "timing": "kernels",
-                                            "reason": "the profiler saw no kernel of the call between two L2 flushes"})
-                if case.group == "backward" and gpu:
-                    # as a training loop runs it: calls back to back, one sync at the end, so the
-                    # host can run ahead of the device (do_bench serialises each call after an L2
-                    # flush: the autograd engine's host time then shows in every call)
-                    us = statistics.median(clock.host_sample(fn) for _ in range(3 if clock.quick else 7))
-                    rows.append(make_row(case, impl, us, "back_to_back", copy_gbps, exact, len(sets)))
-            if case.graph and gpu:
+        except Skip as exc:
+            skipped.append({"group": case.group, "scenario": case.scenario, "implementation": impl.name,
+                            "reason": str(exc)})
+        except Exception as exc:
+            _failed(case, impl, exc, gpu, skipped)
+        progress.done += 1
+    if timed:
+        _time_in_rounds(case, timed, clock, copy_gbps, progress, rows, skipped, len(sets))
+    if host:
+        progress.show(f"{case.group} {case.scenario}: host time, {len(host)} calls in alternating rounds")
+        timing = "torch_timer" if clock.type == "cpu" else "host_loop"
+        for (impl, _, exact), (us, best) in zip(host, clock.host_times([fn for _, fn, _ in host])):
+            rows.append(dict(make_row(case, impl, us, timing, copy_gbps, exact, 1), us_min=best))
+    del sets, refs, pristine, host, timed
+    if gpu:
+        torch.cuda.empty_cache()
+
+
+def _failed(case: Case, impl: Impl, exc: Exception, gpu: bool, skipped: list, timing: str | None = None) -> None:
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    entry = {"group": case.group, "scenario": case.scenario, "implementation": impl.name}
+    if timing:
+        entry["timing"] = timing
+    entry["reason"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+    skipped.append(entry)
+
+
+def _time_in_rounds(case: Case, timed: list, clock: Clock, copy_gbps: float, progress: Progress, rows: list,
+                    skipped: list, nbuf: int) -> None:
+    """A GPU case's implementations timed side by side: ``clock.rounds`` rounds, each timing every
+    implementation once (do_bench, then the kernels' own time), the order rotated every round; each
+    row is the median over the rounds. Timed one after another instead, an implementation's figure
+    depends on what ran before it (H200: every q+k kernel read 5-10 % faster for a while after the
+    seconds torch.compile spends compiling; bench/studies/repeat_rounds.py --engine). Then, once
+    each, the backward group's training-loop timing and CUDA-graph replay."""
+    samples = {id(impl): {"do_bench": [], "kernels": []} for impl, _, _ in timed}
+    alive = list(timed)
+    for rnd in range(clock.rounds):
+        progress.show(f"{case.group} {case.scenario} {case.op}: round {rnd + 1} of {clock.rounds}")
+        shift = rnd % len(alive) if alive else 0
+        for impl, fn, exact in alive[shift:] + alive[:shift]:
+            got = samples[id(impl)]
+            try:
+                got["do_bench"].append(clock.time(fn, rounds=clock.rounds))
+            except Exception as exc:
+                _failed(case, impl, exc, True, skipped)
+                alive = [t for t in alive if t[0] is not impl]
+                continue
+            # the device's share of that figure: a peer launched from Python on a slow host (or
+            # an autograd backward) can outlast the L2 flush, and do_bench then counts host time;
+            # the kernels' own time after the same flush does not
+            if got["kernels"] is None:
+                continue
+            try:
+                kus = clock.kernels(fn)
+            except Exception as exc:
+                torch.cuda.synchronize()
+                skipped.append({"group": case.group, "scenario": case.scenario, "implementation": impl.name,
+                                "timing": "kernels", "reason": f"profiler: {type(exc).__name__}: {exc}"[:300]})
+                got["kernels"] = None
+                continue
+            if math.isfinite(kus):
+                got["kernels"].append(kus)
+            else:  # no kernel between two flushes (or another name for the flush's)
+                skipped.append({"group": case.group, "scenario": case.scenario, "implementation": impl.name,
+                                "timing": "kernels",
+                                "reason": "the profiler saw no kernel of the call between two L2 flushes"})
+                got["kernels"] = None
+    for impl, fn, exact in alive:
+        got = samples[id(impl)]
+        rows.append(make_row(case, impl, statistics.median(got["do_bench"]), clock.method, copy_gbps, exact, nbuf))
+        if got["kernels"]:
+            rows.append(make_row(case, impl, statistics.median(got["kernels"]), "kernels", copy_gbps, exact, nbuf))
+    for impl, fn, exact in alive:
+        try:
+            if case.group == "backward":
+                # as a training loop runs it: calls back to back, one sync at the end, so the host
+                # can run ahead of the device (do_bench serialises each call after an L2 flush:
+                # the autograd engine's host time then shows in every call)
+                us = statistics.median(clock.host_sample(fn) for _ in range(3 if clock.quick else 7))
+                rows.append(make_row(case, impl, us, "back_to_back", copy_gbps, exact, nbuf))
+            if case.graph:
                 sync = synchronises(fn)
                 if sync is not None:  # a capture would fail: say so instead of trying
                     skipped.append({"group": case.group, "scenario": case.scenario, "implementation": impl.name,
@@ -165,31 +228,14 @@ def run_case(case: Case, impls: list[Impl], clock: Clock, copy_gbps: float, prog
                                     "reason": f"not capturable: a call synchronises with the host ({sync[:160]})"})
                 else:
                     try:
-                        gus = clock.graph(rotating([impl.prepare(s) for s in sets]))
-                        rows.append(make_row(case, impl, gus, "cuda_graph", copy_gbps, exact, len(sets)))
+                        rows.append(make_row(case, impl, clock.graph(fn), "cuda_graph", copy_gbps, exact, nbuf))
                     except Exception as exc:
                         torch.cuda.synchronize()
                         skipped.append({"group": case.group, "scenario": case.scenario, "implementation": impl.name,
                                         "timing": "cuda_graph",
                                         "reason": f"capture failed: {type(exc).__name__}: {str(exc)[:200]}"})
-        except Skip as exc:
-            skipped.append({"group": case.group, "scenario": case.scenario, "implementation": impl.name,
-                            "reason": str(exc)})
         except Exception as exc:
-            if gpu:
-                torch.cuda.synchronize()
-                torch.cuda.empty_cache()
-            skipped.append({"group": case.group, "scenario": case.scenario, "implementation": impl.name,
-                            "reason": f"failed: {type(exc).__name__}: {str(exc)[:300]}"})
-        progress.done += 1
-    if host:
-        progress.show(f"{case.group} {case.scenario}: host time, {len(host)} calls in alternating rounds")
-        timing = "torch_timer" if clock.type == "cpu" else "host_loop"
-        for (impl, _, exact), (us, best) in zip(host, clock.host_times([fn for _, fn, _ in host])):
-            rows.append(dict(make_row(case, impl, us, timing, copy_gbps, exact, 1), us_min=best))
-    del sets, refs, pristine, host
-    if gpu:
-        torch.cuda.empty_cache()
+            _failed(case, impl, exc, True, skipped)
 
 
 def launch_rows(device: torch.device, clock: Clock, copy_gbps: float, skipped: list) -> list[dict]:
