@@ -178,9 +178,10 @@ def test_in_place_peers_are_checked_on_fresh_inputs():
 
 
 def test_gpu_implementations_are_timed_in_alternating_rounds(monkeypatch):
-    """On a GPU every implementation of a case is timed once per round, the order rotated each
-    round, and each row is the median over the rounds (not whoever ran after a slow neighbour);
-    one that fails while timed is skipped with its reason and the others keep their rows."""
+    """On a GPU every implementation of a case is timed once per round, in an order that changes
+    who follows whom, and each row is the median over the rounds (not whoever ran after a slow
+    or a fast neighbour); one that fails while timed is skipped with its reason, the others keep
+    their rows."""
     case = scenarios.diffusion_cases("tiny", torch.device("cpu"))[0]
     order, figures = [], {"a": [5.0, 1.0, 3.0], "b": [2.0, 9.0, 4.0]}
 
@@ -209,7 +210,9 @@ def test_gpu_implementations_are_timed_in_alternating_rounds(monkeypatch):
     timed = [(Impl(n, "peer", None), named(n), True) for n in ("a", "b", "broken")]
     rows, skipped = [], []
     engine._time_in_rounds(case, timed, FakeClock(), 1.0, engine.Progress(False, 1), rows, skipped, 1)
-    assert order == ["a", "b", "broken", "b", "a", "a", "b"]  # rotated each round; broken dropped after round 1
+    assert order == ["a", "b", "broken", "b", "a", "a", "b"]  # as given, reversed, evens/odds; broken dropped
+    assert [engine.round_order([1, 2, 3, 4, 5], r) for r in range(4)] == [
+        [1, 2, 3, 4, 5], [5, 4, 3, 2, 1], [1, 3, 5, 2, 4], [2, 3, 4, 5, 1]]
     got = {(r["implementation"], r["timing"]): r["us"] for r in rows}
     assert got == {("a", "do_bench"): 3.0, ("b", "do_bench"): 4.0, ("a", "kernels"): 7.0, ("b", "kernels"): 7.0}
     assert [s["implementation"] for s in skipped] == ["broken"] and "launch failed" in skipped[0]["reason"]

@@ -14,7 +14,8 @@ rounds, every round on freshly allocated inputs (new addresses):
 
 Prints the median, min and max of each ratio over the rounds; writes ``repeat-rounds-study.json``.
 ``--engine``: instead, the benchmark engine's ``run_case`` on q+k 4096x24/8 with the implementations
-in several orders and subsets (``engine-orders-study.json``).
+in several orders and subsets (``engine-orders-study.json``). ``--state``: this library vs Liger on
+q+k 4096x24/8 after idle time and after torch.compile ran (``gpu-state-study.json``).
 """
 
 from __future__ import annotations
@@ -146,14 +147,58 @@ def engine_orders(device, clock, repeats: int) -> list[dict]:
     return out
 
 
+def state_check(device, clock, rounds: int = 3) -> list[dict]:
+    """q+k 4096x24/8, this library vs Liger-Kernel in alternating rounds, in one process: on fresh
+    inputs; after the GPU sat idle 5 s; after torch.compile's implementation compiled and ran once;
+    again after that (does its effect last?); after another 5 s idle."""
+    import time
+
+    case = next(c for c in scenarios.cases("qk", "gpu", device) if c.scenario == "q+k 4096x24/8")
+    impls = _impls(case, device)
+    out = []
+
+    def measure(label):
+        sets = [case.make(s) for s in range(buffers(case.nbytes, device))]
+        fns = {n: rotating([impls[n].prepare(s) for s in sets]) for n in ("triton", "liger-kernel")}
+        got = {n: [] for n in fns}
+        for _ in range(rounds):
+            for n, fn in fns.items():
+                fn()
+                got[n].append(clock.kernels(fn))
+        med = {n: statistics.median(v) for n, v in got.items()}
+        print(f"  {label:40s} " + "  ".join(f"{n} {v:6.2f}" for n, v in med.items()), flush=True)
+        out.append({"state": label, "kernels_us": got})
+
+    measure("fresh")
+    torch.cuda.synchronize()
+    time.sleep(5)
+    measure("after 5 s idle")
+    compiled = impls["torch.compile"].prepare(case.make(0))
+    compiled()
+    torch.cuda.synchronize()
+    measure("after torch.compile compiled and ran")
+    measure("again")
+    for _ in range(200):
+        compiled()
+    measure("after 200 torch.compile calls")
+    torch.cuda.synchronize()
+    time.sleep(5)
+    measure("after 5 s idle")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=".")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--engine", action="store_true", help="only the engine-order check (see engine_orders)")
+    ap.add_argument("--state", action="store_true", help="only the GPU-state check (see state_check)")
     a = ap.parse_args()
     device = torch.device("cuda", torch.cuda.current_device())
     clock = Clock(device, quick=False)
+    if a.state:
+        report.write_study({"state": state_check(device, clock)}, a.out, "gpu-state-study.json")
+        return 0
     if a.engine:
         report.write_study({"engine_orders": engine_orders(device, clock, 2)}, a.out, "engine-orders-study.json")
         return 0

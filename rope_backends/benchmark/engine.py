@@ -166,20 +166,28 @@ def _failed(case: Case, impl: Impl, exc: Exception, gpu: bool, skipped: list, ti
     skipped.append(entry)
 
 
+def round_order(items: list, rnd: int) -> list:
+    """The order of round ``rnd``: as given, reversed, evens then odds, then rotations of those.
+    Each changes who runs right after whom (a rotation alone would not): on the H200 the
+    implementation timed right after torch.compile's read 5-10 % faster, whichever it was."""
+    base = (list(items), list(reversed(items)), list(items[0::2]) + list(items[1::2]))[rnd % 3]
+    shift = (rnd // 3) % len(base) if base else 0
+    return base[shift:] + base[:shift]
+
+
 def _time_in_rounds(case: Case, timed: list, clock: Clock, copy_gbps: float, progress: Progress, rows: list,
                     skipped: list, nbuf: int) -> None:
     """A GPU case's implementations timed side by side: ``clock.rounds`` rounds, each timing every
-    implementation once (do_bench, then the kernels' own time), the order rotated every round; each
-    row is the median over the rounds. Timed one after another instead, an implementation's figure
-    depends on what ran before it (H200: every q+k kernel read 5-10 % faster for a while after the
-    seconds torch.compile spends compiling; bench/studies/repeat_rounds.py --engine). Then, once
-    each, the backward group's training-loop timing and CUDA-graph replay."""
+    implementation once (do_bench, then the kernels' own time) in the order of :func:`round_order`;
+    each row is the median over the rounds. Timed one after another instead, an implementation's
+    figure depends on what ran right before it (H200, q+k 4096x24/8: whichever kernel ran right
+    after torch.compile's read 32-33 µs instead of 34-36; bench/studies/repeat_rounds.py --engine).
+    Then, once each, the backward group's training-loop timing and CUDA-graph replay."""
     samples = {id(impl): {"do_bench": [], "kernels": []} for impl, _, _ in timed}
     alive = list(timed)
     for rnd in range(clock.rounds):
         progress.show(f"{case.group} {case.scenario} {case.op}: round {rnd + 1} of {clock.rounds}")
-        shift = rnd % len(alive) if alive else 0
-        for impl, fn, exact in alive[shift:] + alive[:shift]:
+        for impl, fn, exact in round_order(alive, rnd):
             got = samples[id(impl)]
             try:
                 got["do_bench"].append(clock.time(fn, rounds=clock.rounds))
