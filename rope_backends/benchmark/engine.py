@@ -368,8 +368,9 @@ def _run_device(device, groups, *, quick, scale, impls, skip, progress, command,
             "byte_counting": BYTE_RULE,
             "timing": {"cuda": "triton.testing.do_bench median (L2 flushed before each call) with rotating input "
                                "buffers; timing 'kernels': the summed device time of the call's kernels after the same "
-                               "flush and a fixed wait on the device (torch.profiler, median of 12 calls); decode "
-                               "sizes also under CUDA-graph "
+                               "flush and a fixed wait on the device (torch.profiler, median of 12 calls); both "
+                               f"the median of {clock.rounds} rounds alternating between a case's implementations "
+                               "(as listed, reversed, evens then odds); decode sizes also under CUDA-graph "
                                "replay (do_bench_cudagraph median)",
                        "cpu": "torch.utils.benchmark.Timer.blocked_autorange median, torch threads = "
                               f"{torch.get_num_threads()}",
