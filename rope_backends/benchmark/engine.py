@@ -138,8 +138,7 @@ def run_case(case: Case, impls: list[Impl], clock: Clock, copy_gbps: float, prog
             else:
                 rows.append(make_row(case, impl, clock.time(fn), clock.method, copy_gbps, exact, len(sets)))
         except Skip as exc:
-            skipped.append({"group": case.group, "scenario": case.scenario, "implementation": impl.name,
-                            "reason": str(exc)})
+            _skip(skipped, case, impl, str(exc))
         except Exception as exc:
             _failed(case, impl, exc, gpu, skipped)
         progress.done += 1
@@ -155,15 +154,19 @@ def run_case(case: Case, impls: list[Impl], clock: Clock, copy_gbps: float, prog
         torch.cuda.empty_cache()
 
 
-def _failed(case: Case, impl: Impl, exc: Exception, gpu: bool, skipped: list, timing: str | None = None) -> None:
-    if gpu:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+def _skip(skipped: list, case: Case, impl: Impl, reason: str, timing: str | None = None) -> None:
     entry = {"group": case.group, "scenario": case.scenario, "implementation": impl.name}
     if timing:
         entry["timing"] = timing
-    entry["reason"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+    entry["reason"] = reason
     skipped.append(entry)
+
+
+def _failed(case: Case, impl: Impl, exc: Exception, gpu: bool, skipped: list) -> None:
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    _skip(skipped, case, impl, f"failed: {type(exc).__name__}: {str(exc)[:300]}")
 
 
 def round_order(items: list, rnd: int) -> list:
@@ -204,16 +207,13 @@ def _time_in_rounds(case: Case, timed: list, clock: Clock, copy_gbps: float, pro
                 kus = clock.kernels(fn)
             except Exception as exc:
                 torch.cuda.synchronize()
-                skipped.append({"group": case.group, "scenario": case.scenario, "implementation": impl.name,
-                                "timing": "kernels", "reason": f"profiler: {type(exc).__name__}: {exc}"[:300]})
+                _skip(skipped, case, impl, f"profiler: {type(exc).__name__}: {exc}"[:300], "kernels")
                 got["kernels"] = None
                 continue
             if math.isfinite(kus):
                 got["kernels"].append(kus)
             else:  # no kernel between two flushes (or another name for the flush's)
-                skipped.append({"group": case.group, "scenario": case.scenario, "implementation": impl.name,
-                                "timing": "kernels",
-                                "reason": "the profiler saw no kernel of the call between two L2 flushes"})
+                _skip(skipped, case, impl, "the profiler saw no kernel of the call between two L2 flushes", "kernels")
                 got["kernels"] = None
     for impl, fn, exact in alive:
         got = samples[id(impl)]
@@ -231,17 +231,15 @@ def _time_in_rounds(case: Case, timed: list, clock: Clock, copy_gbps: float, pro
             if case.graph:
                 sync = synchronises(fn)
                 if sync is not None:  # a capture would fail: say so instead of trying
-                    skipped.append({"group": case.group, "scenario": case.scenario, "implementation": impl.name,
-                                    "timing": "cuda_graph",
-                                    "reason": f"not capturable: a call synchronises with the host ({sync[:160]})"})
+                    _skip(skipped, case, impl, f"not capturable: a call synchronises with the host ({sync[:160]})",
+                          "cuda_graph")
                 else:
                     try:
                         rows.append(make_row(case, impl, clock.graph(fn), "cuda_graph", copy_gbps, exact, nbuf))
                     except Exception as exc:
                         torch.cuda.synchronize()
-                        skipped.append({"group": case.group, "scenario": case.scenario, "implementation": impl.name,
-                                        "timing": "cuda_graph",
-                                        "reason": f"capture failed: {type(exc).__name__}: {str(exc)[:200]}"})
+                        _skip(skipped, case, impl, f"capture failed: {type(exc).__name__}: {str(exc)[:200]}",
+                              "cuda_graph")
         except Exception as exc:
             _failed(case, impl, exc, True, skipped)
 

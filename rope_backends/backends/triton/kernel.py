@@ -102,11 +102,10 @@ def _rows(row_block, rows, L1, L2, BLOCK_T: tl.constexpr):
 
 @triton.jit
 def _units(l0, l1, l2, row_ok, head_block, heads, xs0, xs1, xs2, xsh, os0, os1, os2, osh,
-           INT64: tl.constexpr, BLOCK_H: tl.constexpr):
-    """The tile's heads ``[BLOCK_H]``; input and output offsets of each (row, head) ``[T, H]``."""
+           BLOCK_H: tl.constexpr):
+    """The tile's heads ``[BLOCK_H]``; input and output offsets of each (row, head) ``[T, H]``
+    (int64 when ``head_block`` is: the kernel widens the program id under ``INT64``)."""
     h = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
-    if INT64:
-        h = h.to(tl.int64)
     unit_ok = row_ok[:, None] & (h < heads)[None, :]
     x_unit = (l0 * xs0 + l1 * xs1 + l2 * xs2)[:, None] + h[None, :] * xsh
     o_unit = (l0 * os0 + l1 * os1 + l2 * os2)[:, None] + h[None, :] * osh
@@ -244,13 +243,12 @@ def _rotate_tile(
     cache_ptr, cache_s0, cache_s1, max_pos, axis_ptr,
     INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr, HAS_POSITIONS: tl.constexpr,
     MROPE: tl.constexpr, COPY_PASS: tl.constexpr, COS_PER_HEAD: tl.constexpr, EXACT_CASTS: tl.constexpr,
-    INT64: tl.constexpr, ROT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    ROT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """One tile: ``BLOCK_T`` rows x ``BLOCK_H`` heads of one tensor."""
     l0, l1, l2, row_ok = _rows(row_block, rows, L1, L2, BLOCK_T)
     h, unit_ok, x_unit, o_unit = _units(l0, l1, l2, row_ok, head_block, heads, xs0, xs1, xs2, xsh,
-                                        os0, os1, os2, osh, INT64, BLOCK_H)
+                                        os0, os1, os2, osh, BLOCK_H)
     # the pairs first: they do not wait for the position -> cache chain
     a, b = _load_pairs(x_ptr, x_unit, unit_ok, xsd, INTERLEAVED, EXACT_CASTS, ROT, BLOCK_T, BLOCK_H)
     c, s = _cos_sin(l0, l1, l2, row_ok, h, unit_ok, cos_ptr, sin_ptr, cs0, cs1, cs2, csh, csi,
@@ -301,7 +299,7 @@ def rope_kernel(
                 cos_ptr, sin_ptr, cs0, cs1, cs2, csh, csi,
                 pos_ptr, ps0, ps1, ps2, psr, cache_ptr, cache_s0, cache_s1, max_pos, axis_ptr,
                 INTERLEAVED, CONJUGATE, HAS_POSITIONS, MROPE, COPY_PASS, COS_PER_HEAD, EXACT_CASTS,
-                INT64, ROT, HEAD_DIM, BLOCK_T, BLOCK_H,
+                ROT, HEAD_DIM, BLOCK_T, BLOCK_H,
             )
         else:
             _rotate_tile(
@@ -310,7 +308,7 @@ def rope_kernel(
                 cos_ptr, sin_ptr, cs0, cs1, cs2, csh, csi,
                 pos_ptr, ps0, ps1, ps2, psr, cache_ptr, cache_s0, cache_s1, max_pos, axis_ptr,
                 INTERLEAVED, CONJUGATE, HAS_POSITIONS, MROPE, COPY_PASS, COS_PER_HEAD, EXACT_CASTS,
-                INT64, ROT, HEAD_DIM, BLOCK_T, BLOCK_H,
+                ROT, HEAD_DIM, BLOCK_T, BLOCK_H,
             )
     else:
         _rotate_tile(
@@ -319,5 +317,5 @@ def rope_kernel(
             cos_ptr, sin_ptr, cs0, cs1, cs2, csh, csi,
             pos_ptr, ps0, ps1, ps2, psr, cache_ptr, cache_s0, cache_s1, max_pos, axis_ptr,
             INTERLEAVED, CONJUGATE, HAS_POSITIONS, MROPE, COPY_PASS, COS_PER_HEAD, EXACT_CASTS,
-            INT64, ROT, HEAD_DIM, BLOCK_T, BLOCK_H,
+            ROT, HEAD_DIM, BLOCK_T, BLOCK_H,
         )
