@@ -30,7 +30,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from rope_backends import registry  # noqa: E402
 from rope_backends.backends.triton import launch  # noqa: E402
 from rope_backends.benchmark import baselines, implementations, report, scenarios  # noqa: E402
 from rope_backends.benchmark.timing import Clock, buffers, rotating  # noqa: E402
@@ -98,8 +97,7 @@ def decode_rounds(device, clock, rounds: int) -> list[dict]:
         for _ in range(rounds):
             times["empty launch"].append(clock.graph(empty))
             for tile in DECODE_TILES:
-                launch.set_config(*tile) if tile else launch.set_config(None)
-                registry.invalidate()
+                launch.set_config(*(tile or (None,)))  # also drops the dispatcher's prepared runners
                 fn = triton_impl.prepare(case.make(0))
                 fn()
                 times.setdefault("shipped" if tile is None else f"tile {tile}", []).append(clock.graph(fn))
