@@ -260,6 +260,8 @@ def test_gpu_code_paths_with_faked_timers(monkeypatch):
 
     clock = timing.Clock(torch.device("cpu"), quick=True)
     clock.type = "cuda"
+    resets = []  # how many timings had run at each reset of the persisting L2 lines
+    clock._reset_l2 = lambda: resets.append(calls["do_bench"] + calls["graph"])
     case = scenarios.llm_cases("tiny", torch.device("cpu"), graphs=True)[0]
     assert case.op == "apply_qk" and case.graph
     impls = implementations.for_case(case, torch.device("cpu"), ["eager"], implementations.Options(quick=True, skip=("torch.compile",)))
@@ -275,9 +277,45 @@ def test_gpu_code_paths_with_faked_timers(monkeypatch):
     assert any(s["implementation"] == "syncing" and "not capturable" in s["reason"] for s in skipped)
     assert mode["now"] == 0  # the sync debug mode is restored
     assert calls["graph"] == 5
+    assert resets == list(range(calls["do_bench"] + calls["graph"]))  # one right before every timing
     doc = {"rows": rows, "default_backend": "eager", "device": {"type": "cuda"}}
     ratio = [s for s in targets.summarize(doc) if "graph replay / empty launch" in s["target"]]
     assert len(ratio) == 1 and ratio[0]["value"] == pytest.approx(1.0) and ratio[0]["met"] is True
+
+
+def test_persisting_l2_reset_is_the_drivers_call_or_none(monkeypatch):
+    """The clock returns evict_last lines to normal through libcuda's cuCtxResetPersistingL2Cache
+    where the first call succeeds; where it fails, or on a device that is no CUDA GPU, there is no
+    reset, and the JSON's timing note says the lines were not reset."""
+    import contextlib
+    import ctypes
+
+    status, seen = [0], []
+
+    def fake_reset():
+        seen.append(1)
+        return status[0]
+
+    class FakeLibcuda:
+        cuCtxResetPersistingL2Cache = staticmethod(fake_reset)
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibcuda())
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
+    reset = timing._load_reset(torch.device("cuda", 0))
+    assert reset is not None and len(seen) == 1  # tried once when loaded
+    reset()
+    assert len(seen) == 2
+    status[0] = 999
+    with pytest.raises(RuntimeError, match="cuCtxResetPersistingL2Cache.*999"):
+        reset()
+    assert timing._load_reset(torch.device("cuda", 0)) is None
+    assert timing._load_reset(torch.device("cpu")) is None
+    clock = timing.Clock(torch.device("cpu"), quick=True)
+    assert not clock.resets_persisting_l2 and engine._persisting_l2_note(clock) == ""
+    clock.type = "cuda"
+    assert "NOT reset" in engine._persisting_l2_note(clock)
+    clock._reset_l2 = reset
+    assert "returned to normal" in engine._persisting_l2_note(clock)
 
 
 def test_a_call_without_kernels_is_listed_not_dropped(monkeypatch):

@@ -178,13 +178,23 @@ def round_order(items: list, rnd: int) -> list:
     return base[shift:] + base[:shift]
 
 
+def _persisting_l2_note(clock: Clock) -> str:
+    if clock.resets_persisting_l2:
+        return ("persisting (evict_last) L2 lines returned to normal before each kernels flush and before each "
+                "do_bench (cuCtxResetPersistingL2Cache); ")
+    if clock.type == "cuda":
+        return "persisting (evict_last) L2 lines NOT reset (no cuCtxResetPersistingL2Cache here): they outlive the flush; "
+    return ""
+
+
 def _time_in_rounds(case: Case, timed: list, clock: Clock, copy_gbps: float, progress: Progress, rows: list,
                     skipped: list, nbuf: int) -> None:
     """A GPU case's implementations timed side by side: ``clock.rounds`` rounds, each timing every
     implementation once (do_bench, then the kernels' own time) in the order of :func:`round_order`;
     each row is the median over the rounds. Timed one after another instead, an implementation's
     figure depends on what ran right before it (H200, q+k 4096x24/8: whichever kernel ran right
-    after torch.compile's read 32-33 µs instead of 34-36; bench/studies/repeat_rounds.py --engine).
+    after torch.compile's read 32-33 µs instead of 34-36, until the clock reset the L2 lines its
+    ``evict_last`` loads left: timing.persisting_l2_reset).
     Then, once each, the backward group's training-loop timing and CUDA-graph replay."""
     samples = {id(impl): {"do_bench": [], "kernels": []} for impl, _, _ in timed}
     alive = list(timed)
@@ -366,7 +376,8 @@ def _run_device(device, groups, *, quick, scale, impls, skip, progress, command,
             "byte_counting": BYTE_RULE,
             "timing": {"cuda": "triton.testing.do_bench median (L2 flushed before each call) with rotating input "
                                "buffers; timing 'kernels': the summed device time of the call's kernels after the same "
-                               "flush and a fixed wait on the device (torch.profiler, median of 12 calls); both "
+                               "flush and a fixed wait on the device (torch.profiler, median of 12 calls); "
+                               + _persisting_l2_note(clock) + "both "
                                f"the median of {clock.rounds} rounds alternating between a case's implementations "
                                "(as listed, reversed, evens then odds); decode sizes also under CUDA-graph "
                                "replay (do_bench_cudagraph median)",

@@ -2,7 +2,11 @@
 
 GPU (``cuda``): ``triton.testing.do_bench`` (median; L2 flushed before each call), the device
 kernels' own time after the same flush and a fixed wait (:meth:`Clock.kernels`, torch.profiler) and, for decode
-sizes, CUDA-graph replay (``do_bench_cudagraph``); CPU: ``torch.utils.benchmark.Timer.
+sizes, CUDA-graph replay (``do_bench_cudagraph``). A flush of normal writes leaves the lines a
+load marked ``evict_last`` in L2 (Inductor's kernels and ours mark reused loads so), and the next
+kernel reading those addresses hits; on CUDA the driver's ``cuCtxResetPersistingL2Cache`` returns
+them to normal first (:func:`persisting_l2_reset`): before every flush of :meth:`Clock.kernels`,
+before each do_bench and graph timing. CPU: ``torch.utils.benchmark.Timer.
 blocked_autorange`` (median); other devices: a host loop ending with a device sync. Host time of
 back-to-back calls (the dispatch group, the backward group's training-loop timing) is
 :meth:`Clock.host_sample` / :meth:`Clock.host_times`. When a case's working set fits in the
@@ -23,7 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["Clock", "cache_bytes", "buffers", "rotating", "synchronises", "per_call_kernels"]
+__all__ = ["Clock", "cache_bytes", "buffers", "rotating", "synchronises", "per_call_kernels", "persisting_l2_reset"]
 
 ROTATE_CAP = {"cuda": 64, "cpu": 8}   # at most this many rotated input buffers
 
@@ -35,6 +39,19 @@ class Clock:
         self.device = device
         self.type = device.type
         self.quick = quick
+        self._reset_l2 = persisting_l2_reset(device) if self.type == "cuda" else None
+
+    @property
+    def resets_persisting_l2(self) -> bool:
+        """Whether lines loaded ``evict_last`` are returned to normal before each flush (CUDA)."""
+        return self._reset_l2 is not None
+
+    def fresh_l2(self) -> None:
+        """Let the device finish, then return every persisting (``evict_last``) L2 line to normal,
+        so the next flush evicts it: nothing an earlier call loaded outlives the flush."""
+        if self._reset_l2 is not None:
+            self.sync()
+            self._reset_l2()
 
     def sync(self) -> None:
         if self.type == "cuda":
@@ -63,6 +80,7 @@ class Clock:
             warmup, rep = (10, 40) if self.quick else (25, 100)
             if rounds > 1:
                 warmup, rep = max(5, warmup // rounds), max(20, rep // rounds)
+            self.fresh_l2()  # what earlier implementations left; this one's own lines may stay
             return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median")) * 1e3
         if self.type == "cpu":
             return self._torch_timer(fn, 0.05 if self.quick else 0.2)
@@ -80,6 +98,7 @@ class Clock:
         self.sync()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(calls):
+                self.fresh_l2()  # a sync (no device time is read here) and the reset, then the flush
                 flush.zero_()
                 # a fixed wait on the device before the call: every implementation then starts
                 # with the flush's dirty lines written back, however long its host launch takes
@@ -95,6 +114,7 @@ class Clock:
         from triton.testing import do_bench_cudagraph
 
         rep = 10 if self.quick else 20
+        self.fresh_l2()
         try:
             ms = do_bench_cudagraph(fn, rep=rep, return_mode="median")
         except TypeError:  # a Triton without return_mode
@@ -142,6 +162,48 @@ _FLUSH: dict = {}
 _FLUSH_KERNEL = "FillFunctor<int>"  # zero_() of the int32 flush buffer: what separates the calls
 _DRAIN_KERNEL = "spin_kernel"       # torch.cuda._sleep's kernel (not counted)
 _DRAIN_CYCLES = 300_000             # ~150 µs at 2 GHz: longer than a Python launch and the write-back of L2
+
+
+_RESET: dict = {}
+
+
+def persisting_l2_reset(device: torch.device) -> Callable[[], None] | None:
+    """The driver's ``cuCtxResetPersistingL2Cache`` for ``device`` (ctypes, libcuda): every L2 line
+    a load marked persisting (``evict_last``) becomes normal, so a flush of normal writes evicts
+    it. Without it such lines outlive a 256 MB flush: on the H200, q+k 4096x24/8 ran 7-11 % faster
+    right after torch.compile's kernel or any ``evict_last`` read of the same inputs, and as fast as
+    after nothing once reset (bench/studies/l2_persistence.py). None where there is none (ROCm, no
+    libcuda, a driver that refuses the call)."""
+    key = str(device)
+    if key not in _RESET:
+        _RESET[key] = _load_reset(device)
+    return _RESET[key]
+
+
+def _load_reset(device: torch.device) -> Callable[[], None] | None:
+    if device.type != "cuda" or getattr(torch.version, "hip", None):
+        return None
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL("libcuda.so.1").cuCtxResetPersistingL2Cache
+        fn.restype = ctypes.c_int
+        fn.argtypes = []
+    except (OSError, AttributeError):
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+
+    def reset() -> None:
+        with torch.cuda.device(index):  # the call acts on the current context
+            err = fn()
+        if err:
+            raise RuntimeError(f"cuCtxResetPersistingL2Cache: CUDA driver error {err}")
+
+    try:
+        reset()
+    except RuntimeError:
+        return None
+    return reset
 
 
 def _flush_buffer(device: torch.device) -> torch.Tensor:
