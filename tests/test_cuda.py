@@ -200,3 +200,20 @@ def test_two_threads_on_two_streams_share_one_plan():
         t.join()
     assert not errors, errors
     assert bad == [0, 0]
+
+
+def test_benchmark_clock_resets_persisting_l2_lines():
+    """The benchmark's clock can return ``evict_last`` lines to normal on this GPU (they outlive its
+    L2 flush otherwise: bench/studies/l2_persistence.py); on ROCm there is no such call."""
+    from rope_backends.benchmark import timing
+
+    reset = timing.persisting_l2_reset(torch.device(DEV, torch.cuda.current_device()))
+    if torch.version.hip:
+        assert reset is None
+        return
+    assert reset is not None
+    x = torch.randn(1 << 20, device=DEV)
+    x.sum()  # some work in flight on the stream; the reset must not disturb it
+    reset()
+    torch.cuda.synchronize()
+    assert timing.Clock(torch.device(DEV), quick=True).resets_persisting_l2
