@@ -1,6 +1,8 @@
 """Turn a bench JSON into the README's results section (Markdown) and its PNG plot.
 
     python bench/report.py bench/results/<device>-<date>.json [--out bench/results/README-table.md]
+    python bench/report.py --compact FILE    # the README's per-device table
+    python bench/report.py --targets FILE    # the targets with a limit, met or missed
 
 Writes the Markdown (tables per group, the targets, the environment line and the byte
 counting rule) to ``README-table.md`` beside the JSON by default, and ``<json stem>.png`` next to
@@ -27,9 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="Markdown output (default: README-table.md beside the JSON)")
     parser.add_argument("--no-plot", action="store_true", help="do not (re)write the PNG")
     parser.add_argument("--compact", action="store_true", help="print the README's compact per-device table")
+    parser.add_argument("--targets", action="store_true", help="print the targets that have a limit, met or missed")
     args = parser.parse_args(argv)
     if args.compact:
         print(report.compact_table(report.load(args.json)))
+        return 0
+    if args.targets:
+        print(report.targets_table(report.load(args.json)))
         return 0
     try:
         out, png = report.render(args.json, args.out, plot=not args.no_plot, link_root=ROOT)

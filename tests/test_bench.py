@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -440,6 +441,26 @@ def test_rope_index_study_script(tmp_path):
     assert result["equal"] is True and result["setup"] == "mixed_B2_S4k_8img_2vid"
     with pytest.raises(SystemExit):
         study.main(["--setups", "nope", "--out", str(tmp_path)])
+
+
+_GENERATED = re.compile(r"<!-- generated: python bench/report.py (--compact|--targets) (\S+) [^>]*-->\n(.*?)\n"
+                        r"<!-- end generated -->", re.S)
+
+
+def test_result_tables_in_the_docs_are_the_ones_their_json_gives():
+    """README's per-GPU tables and docs/benchmarks.md's tables and target lists are generated from
+    the committed JSON (bench/report.py --compact / --targets): an edit by hand, or a JSON replaced
+    without regenerating them, fails here."""
+    blocks = []
+    for doc_path in ("README.md", "docs/benchmarks.md"):
+        for kind, json_path, body in _GENERATED.findall((ROOT / doc_path).read_text(encoding="utf-8")):
+            blocks.append((doc_path, kind, json_path))
+            result = report.load(ROOT / json_path)
+            want = report.compact_table(result) if kind == "--compact" else report.targets_table(result)
+            assert body == want, f"{doc_path}: the table from {json_path} ({kind}) differs; regenerate it"
+    readme = {j for d, k, j in blocks if d == "README.md"}
+    assert any("h200" in j for j in readme) and any("h100" in j for j in readme)
+    assert any(d == "docs/benchmarks.md" and k == "--targets" for d, k, _ in blocks)
 
 
 def test_studies_import_only_what_the_package_has():

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from .scenarios import GROUPS
 
-__all__ = ["SCHEMA", "load", "format_tables", "compact_table", "markdown_report", "write_json", "write_study", "write_plot", "render",
-           "default_out_dir"]
+__all__ = ["SCHEMA", "load", "format_tables", "compact_table", "targets_table", "markdown_report", "write_json",
+           "write_study", "write_plot", "render", "default_out_dir"]
 
 SCHEMA = "rope_backends.bench/1"
 _CHECKOUT = Path(__file__).resolve().parents[2]   # the repository root when run from a checkout
@@ -172,6 +172,23 @@ def compact_table(doc: dict) -> str:
                     "; ".join(peers) or "-"])
     return _md_table(["case", "op", "shape", "layout", f"{best} µs", "[kernels µs]", "% of copy",
                       "% of same-bytes copy", "peers, µs [kernels µs]"], out, {4, 5, 6, 7})
+
+
+def targets_table(doc: dict) -> str:
+    """The targets that have a limit (docs/benchmarks.md's per-device list): target, value, limit,
+    met or missed, detail; from the document's summary (older documents: judged again)."""
+    from . import targets
+
+    def num(v) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| target | value | limit | | detail |", "| --- | ---: | ---: | --- | --- |"]
+    for s in doc.get("summary") or targets.summarize(doc):
+        if s.get("limit") is None or s.get("met") is None:
+            continue
+        lines.append(f"| {s['target']} | {num(s['value'])} | {num(s['limit'])} | "
+                     f"{'met' if s['met'] else '**missed**'} | {s['detail']} |")
+    return "\n".join(lines)
 
 
 def markdown_report(doc: dict, plot: str | None = None) -> str:
