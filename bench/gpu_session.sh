@@ -10,6 +10,7 @@
 #   integration  bench/studies/integration_llama.py (a 1B Llama-shaped model with and without the patch)
 #   rope_index   bench/studies/rope_index.py --quick on cuda
 # Usage: STAGES=smoke,cuda,tune,bench bash bench/gpu_session.sh OUT_DIR
+#   PACK=1  leave OUT_DIR.tgz instead of OUT_DIR (a lent device returns only a few files per call)
 # Peers: carry Liger-Kernel on PYTHONPATH; ROPE_BENCH_FLASH_ATTN_ROTARY=path/to/flash_attn/ops/triton/rotary.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,8 @@ out="${1:?usage: STAGES=... bench/gpu_session.sh OUT_DIR}"
 stages=",${STAGES:-smoke,cuda,tune,bench},"
 py="${PYTHON:-python3}"
 mkdir -p "$out"
+pack() { if [[ ${PACK:-0} == 1 ]]; then tar czf "$out.tgz" -C "$out" . && rm -rf "$out"; fi; }
+trap pack EXIT
 export PYTHONUNBUFFERED=1
 status=0
 run() {  # run NAME LIMIT_S CMD...: log to OUT_DIR/NAME.txt, print its tail
