@@ -22,6 +22,9 @@ limit="${3:-460}"  # H100, 12 shards: the sample tier ~100 s, the slowest shard 
 examples="${ROPE_FUZZ_EXAMPLES:-400}"  # per op: most compile a new specialisation (~1 s each)
 names=()  # NAMES=FILE: the exhaustive tier's shards run only the cases FILE names (check --names)
 if [[ -n "${NAMES:-}" ]]; then names=(--names "$NAMES"); fi
+for flag in PACK SAMPLE; do  # 0 or 1, nothing else
+  [[ ${!flag:-0} =~ ^[01]$ ]] || { echo "$flag: expected 0 or 1, got '${!flag}'" >&2; exit 2; }
+done
 mkdir -p "$out"
 pack() { if [[ ${PACK:-0} == 1 ]]; then tar czf "$out.tgz" -C "$out" . && rm -rf "$out"; fi; }
 trap pack EXIT

@@ -17,6 +17,9 @@ cd "$(dirname "$0")/.."
 out="${1:?usage: STAGES=... bench/gpu_session.sh OUT_DIR}"
 stages=",${STAGES:-smoke,cuda,tune,bench},"
 py="${PYTHON:-python3}"
+for flag in PACK; do  # 0 or 1, nothing else
+  [[ ${!flag:-0} =~ ^[01]$ ]] || { echo "$flag: expected 0 or 1, got '${!flag}'" >&2; exit 2; }
+done
 mkdir -p "$out"
 pack() { if [[ ${PACK:-0} == 1 ]]; then tar czf "$out.tgz" -C "$out" . && rm -rf "$out"; fi; }
 trap pack EXIT
