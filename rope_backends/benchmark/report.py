@@ -221,12 +221,13 @@ def write_json(doc: dict, out_dir: str | Path, suffix: str = "") -> Path:
 
 def write_study(doc: dict, out_dir: str | Path, name: str) -> Path:
     """A one-off study's results (bench/studies/): ``<out_dir>/<name>``, headed by the current CUDA
-    device's name and the torch and triton versions. Returns its path."""
+    device's name (without a GPU: the CPU's) and the torch and triton versions. Returns its path."""
     import torch
-    import triton
 
-    head = {"device": torch.cuda.get_device_name(torch.cuda.current_device()), "torch": torch.__version__,
-            "triton": triton.__version__}
+    from .machine import cpu_name, versions
+
+    device = torch.cuda.get_device_name(torch.cuda.current_device()) if torch.cuda.is_available() else cpu_name()
+    head = {"device": device, "torch": torch.__version__, "triton": versions().get("triton")}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
