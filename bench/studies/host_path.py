@@ -11,15 +11,14 @@ would cost a sync) are switched off for the run, so the path is the GPU's. Next 
 op (``x.add_(0)``), and ``torch.autograd.grad`` through this library's Function, through
 ``x * 2`` and through a Function that does nothing (what autograd alone costs).
 
-Back-to-back calls, the least of 7 rounds of 20,000 (5,000 for the backward); writes
-``host-path-study.json``.
+Host time per call as the benchmark's dispatch group takes it (``Clock.host_times``: the torch
+Timer, 11 rounds alternating between the calls; median and least); writes ``host-path-study.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,20 +29,9 @@ sys.path.insert(0, str(ROOT))
 import rope_backends as rb  # noqa: E402
 from rope_backends import dispatch, registry, validation  # noqa: E402
 from rope_backends.benchmark import report  # noqa: E402
+from rope_backends.benchmark.timing import Clock  # noqa: E402
 
 NOOP = "noop-host-study"
-
-
-def per_call_us(fn, calls: int) -> float:
-    for _ in range(calls // 20):
-        fn()
-    best = float("inf")
-    for _ in range(7):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - start) / calls * 1e6)
-    return best
 
 
 def _noop_backend() -> registry.Backend:
@@ -104,13 +92,14 @@ def main() -> int:
             "torch.autograd.grad through a do-nothing Function": lambda: torch.autograd.grad(y_nothing, xg, g,
                                                                                              retain_graph=True),
         }
-        rows = [{"call": n, "us": per_call_us(f, 20000)} for n, f in calls.items()]
-        rows += [{"call": n, "us": per_call_us(f, 5000)} for n, f in backward.items()]
+        everything = {**calls, **backward}
+        times = Clock(torch.device("cpu"), quick=False).host_times(list(everything.values()))
+        rows = [{"call": n, "us": med, "us_min": least} for n, (med, least) in zip(everything, times)]
     finally:
         registry.unregister_backend(NOOP)
         validation.values_readable, validation.position_range_checked, dispatch.position_range_checked = saved
     for r in rows:
-        print(f"  {r['call']:72s} {r['us']:7.3f} µs")
+        print(f"  {r['call']:72s} {r['us']:7.3f} µs  (least {r['us_min']:.3f})")
     report.write_study({"threads": torch.get_num_threads(), "rows": rows}, a.out, "host-path-study.json")
     return 0
 
