@@ -28,18 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("json", help="a results file written by python -m rope_backends bench")
     parser.add_argument("--out", default=None, help="Markdown output (default: README-table.md beside the JSON)")
     parser.add_argument("--no-plot", action="store_true", help="do not (re)write the PNG")
-    parser.add_argument("--compact", action="store_true", help="print the README's compact per-device table")
-    parser.add_argument("--targets", action="store_true", help="print the targets that have a limit, met or missed")
+    table = parser.add_mutually_exclusive_group()
+    table.add_argument("--compact", action="store_true", help="print the README's compact per-device table")
+    table.add_argument("--targets", action="store_true", help="print the targets that have a limit, met or missed")
     args = parser.parse_args(argv)
-    if args.compact:
-        print(report.compact_table(report.load(args.json)))
-        return 0
-    if args.targets:
-        print(report.targets_table(report.load(args.json)))
-        return 0
     try:
+        if args.compact or args.targets:
+            doc = report.load(args.json)
+            print(report.compact_table(doc) if args.compact else report.targets_table(doc))
+            return 0
         out, png = report.render(args.json, args.out, plot=not args.no_plot, link_root=ROOT)
-    except ValueError as exc:
+    except (OSError, ValueError) as exc:  # a missing file, not JSON, not a bench result
         parser.error(f"json: {exc}")
     print(f"wrote {out}" + (f" and {png}" if png is not None and not args.no_plot else ""), file=sys.stderr)
     return 0

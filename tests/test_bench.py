@@ -595,6 +595,16 @@ def test_report_rejects_another_schema(tmp_path):
     proc = subprocess.run([sys.executable, "bench/report.py", str(bad)], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "schema" in proc.stderr
+    for flag in ("--compact", "--targets"):  # the table printers refuse it the same way, and a missing file
+        assert _report_cli_exit([flag, str(bad)]) == 2
+        assert _report_cli_exit([flag, str(tmp_path / "missing.json")]) == 2
+    assert _report_cli_exit(["--compact", "--targets", str(bad)]) == 2  # one table at a time
+
+
+def _report_cli_exit(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as stop:
+        _report_cli().main(argv)
+    return stop.value.code
 
 
 def test_npu_path_peer_runs_the_shipped_npu_code(monkeypatch):
