@@ -68,6 +68,7 @@ class Case:
     mrope: MRope | None = None
     host: bool = False          # dispatch group: host time of back-to-back calls
     inplace: bool = False       # the rope calls write into their inputs (qk group)
+    layers: int = 1             # backward group: L calls in one autograd graph (autograd_prepare)
 
 
 @dataclass
@@ -87,12 +88,26 @@ class Impl:
 def autograd_prepare(op: str, f: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Callable[[dict], Callable[[], tuple]]:
     """How the backward group calls an implementation ``f(x, cos, sin)``: ``forward`` times
     ``f`` itself, ``backward`` the gradient of one recorded ``f`` at ``x`` for the case's ``g``
-    (the graph is kept, so every timed call runs the same backward)."""
+    (the graph is kept, so every timed call runs the same backward).
+
+    With ``d["layers"]`` (x and g stacked ``[L, ...]``, one slice per layer, as a model's L
+    attention layers each rotate their own q): ``forward`` is L calls of ``f`` one after the
+    other, ``backward`` one ``torch.autograd.grad`` through all L recorded calls, so the autograd
+    engine's cost of entering and leaving a backward is paid once for L nodes, as in a training
+    step. Outputs: one per layer."""
     def prepare(d):
+        cos, sin = d["cos"], d["sin"]
+        if "layers" in d:
+            xs, gs = tuple(d["x"].unbind(0)), tuple(d["g"].unbind(0))
+            if op == "forward":
+                return lambda: tuple(f(x, cos, sin) for x in xs)
+            leaves = tuple(x.detach().requires_grad_(True) for x in xs)
+            ys = tuple(f(x, cos, sin) for x in leaves)
+            return lambda: torch.autograd.grad(ys, leaves, gs, retain_graph=True)
         if op == "forward":
-            return lambda: (f(d["x"], d["cos"], d["sin"]),)
+            return lambda: (f(d["x"], cos, sin),)
         x = d["x"].detach().requires_grad_(True)
-        y = f(x, d["cos"], d["sin"])
+        y = f(x, cos, sin)
         g = d["g"]
         return lambda: torch.autograd.grad(y, x, g, retain_graph=True)
     return prepare
@@ -137,6 +152,9 @@ BACKWARD_SHAPES = {
     "cpu": [((1, 1024, 12, 128), "interleaved"), ((2, 256, 32, 128), "neox")],
     "tiny": [((1, 16, 2, 32), "interleaved")],
 }
+# the backward group's model-step rows: this many layers' calls in one backward (a model's
+# attention layers each rotate their own q; the engine's entry and exit are paid once for all)
+BACKWARD_LAYERS = {"gpu": 8, "cpu": 8, "tiny": 2}
 DECODE_GRAPH_MAX_T = 64
 
 
@@ -164,7 +182,14 @@ def ref_cached(d: dict, layout: str) -> tuple[Tensor, ...]:
 
 def ref_backward(d: dict, layout: str) -> tuple[Tensor, ...]:
     g = d["g"]
-    return (reference.rotate(g, d["cos"], d["sin"], Layout(layout), g.shape[-1], conjugate=True),)
+    out = reference.rotate(g, d["cos"], d["sin"], Layout(layout), g.shape[-1], conjugate=True)
+    return tuple(out.unbind(0)) if "layers" in d else (out,)
+
+
+def ref_layers(d: dict, layout: str) -> tuple[Tensor, ...]:
+    """The forward of the layered backward cases: one output per layer."""
+    x = d["x"]
+    return tuple(reference.rotate(x, d["cos"], d["sin"], Layout(layout), x.shape[-1]).unbind(0))
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -337,6 +362,17 @@ def backward_cases(scale: str, device: torch.device) -> list[Case]:
         for op, ref in (("forward", ref_apply), ("backward", ref_backward)):
             cases.append(Case("backward", f"{layout} {op}", op, shape_text(shape), dtype, layout, tokens, nbytes,
                               make, ref))
+        layers = BACKWARD_LAYERS[scale]
+
+        def make_layers(seed, shape=shape, table=table, layers=layers):
+            torch.manual_seed(seed)
+            return {"x": torch.randn((layers, *shape), dtype=dtype, device=device),
+                    "g": torch.randn((layers, *shape), dtype=dtype, device=device),
+                    "layers": layers, **_tables(device, table)}
+
+        for op, ref in (("forward", ref_layers), ("backward", ref_backward)):
+            cases.append(Case("backward", f"{layout} {op}, {layers} layers", op, f"{layers} x {shape_text(shape)}",
+                              dtype, layout, layers * tokens, layers * nbytes, make_layers, ref, layers=layers))
     return cases
 
 

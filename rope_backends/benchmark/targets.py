@@ -106,7 +106,9 @@ def summarize(doc: dict) -> list[dict]:
         fwd = [f for f in pick(group="backward", op="forward", implementation=best, timing=r["timing"])
                if f["shape"] == r["shape"] and f["layout"] == r["layout"]]
         if fwd:
-            add(f"backward / forward {r['shape']} {r['layout']} ({r['timing']})", r["us"] / fwd[0]["us"],
+            # "L x (shape)": L layers' calls, one autograd.grad through all of them
+            step = " in one backward" if " x (" in r["shape"] else ""
+            add(f"backward / forward {r['shape']}{step} {r['layout']} ({r['timing']})", r["us"] / fwd[0]["us"],
                 1.10, False, f"{r['us']:.1f} µs vs {fwd[0]['us']:.1f} µs")
     for r in pick(group="dispatch"):
         op_row = [o for o in pick(group="dispatch", scenario=r["scenario"], implementation=TORCH_OP)]
