@@ -463,6 +463,69 @@ def test_qk_program_order_default():
     assert launch.plan_for(cached).values["QK_BY_ROW"] is False
 
 
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("kind", ["table", "cached", "mrope"])
+@pytest.mark.parametrize("layout", [Layout.NEOX, Layout.INTERLEAVED])
+def test_kept_tables_either_way(keep, kind, layout):
+    """The tables' loads with and without evict_last (kernel.py's KEEP_TABLES) give the same bits:
+    q+k with cos/sin, positions into a cache, MRoPE's three rows."""
+    g = torch.Generator().manual_seed(3)
+    xs = tuple(torch.randn(5, h, 32, generator=g).to(torch.bfloat16) for h in (4, 2))
+    if kind == "table":
+        cos, sin = torch.rand(5, 1, 16, generator=g), torch.rand(5, 1, 16, generator=g)
+        args = RopeArgs(xs, False, layout, 32, cos=cos, sin=sin)
+    else:
+        m = mrope.chunked([6, 5, 5]) if kind == "mrope" else None
+        pos = torch.randint(0, 64, (3, 5) if m else (5,), generator=g)
+        args = RopeArgs(xs, False, layout, 32, positions=pos, cache=rb.cos_sin_cache(64, 32), mrope=m)
+    try:
+        launch.set_config(None, keep_tables=keep)
+        assert launch.plan_for(args).values["KEEP_TABLES"] is keep
+        got = launch.forward(args)
+    finally:
+        launch.set_config(None)
+    for g_, w in zip(got, reference.run(args)):
+        assert_bitwise_equal(g_, w)
+
+
+def test_keep_tables_rule(monkeypatch):
+    """Tables are kept (evict_last) while they take at most 1/16 of the GPU's L2; never on the
+    interpreter, off the GPU or where the L2 size is unknown. The plan hands the rule the bytes
+    the call's cos/sin span (a broadcast counted once), or one cache row per token."""
+    class Props:
+        name, major, minor, multi_processor_count, L2_cache_size = "NVIDIA Test GPU", 9, 0, 132, 60 << 20
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(tuning, "_device_props", lambda index: Props())
+    monkeypatch.setattr(environment, "triton_interpret", lambda: False)
+    tuning.reload()
+    try:
+        share = (60 << 20) // tuning.KEEP_TABLES_SHARE
+        assert tuning.keep_tables(2 << 20, gpu) and tuning.keep_tables(share, gpu)
+        assert not tuning.keep_tables(share + 1, gpu) and not tuning.keep_tables(8 << 20, gpu)
+        assert not tuning.keep_tables(2 << 20, torch.device("cpu"))
+        Props.L2_cache_size = 0
+        tuning.reload()
+        assert not tuning.keep_tables(1, gpu)
+    finally:
+        tuning.reload()
+    monkeypatch.setattr(environment, "triton_interpret", lambda: True)
+    assert not tuning.keep_tables(1, gpu)
+    monkeypatch.undo()
+
+    seen = []
+    monkeypatch.setattr(tuning, "keep_tables", lambda nbytes, device: seen.append(nbytes) or False)
+    launch._PLANS.clear()
+    x = torch.randn(2, 6, 3, 32)
+    cos = torch.rand(6, 1, 16)  # broadcast over the batch: its 6 x 16 values once
+    launch.plan_for(RopeArgs((x,), False, Layout.NEOX, 32, cos=cos, sin=cos.double()))
+    q = torch.randn(7, 4, 32)
+    launch.plan_for(RopeArgs((q,), False, Layout.NEOX, 24, positions=torch.arange(7),
+                             cache=rb.cos_sin_cache(16, 24)))
+    launch._PLANS.clear()
+    assert seen == [6 * 16 * 4 + 6 * 16 * 8, 7 * 24 * 4]
+
+
 def test_tile_table_lookup(monkeypatch, tmp_path):
     """A user file (written by ``tune``) beats the shipped table, which beats the rule; a class the
     table lacks takes the nearest measured one of the same kind, layout and size; a file for another

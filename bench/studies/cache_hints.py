@@ -3,7 +3,11 @@
     python bench/studies/cache_hints.py [--out DIR]
 
 Run before the hints went into kernel.py (2026-12-02, H200): the shipped kernel then had none;
-it now has ``x .cg + tables evict_last`` (results: ``bench/results/cache-hints-study-h200-2026-12-02.json``).
+it then took ``x .cg + tables evict_last`` for every call (results:
+``bench/results/cache-hints-study-h200-2026-12-02.json``). Run again once the benchmark's clock reset
+the persisting L2 lines before every flush (2026-12-03, ``cache-hints-study-h200-2026-12-03.json``):
+kept tables paid only while small, so the shipped kernel now keeps them by their size
+(``tuning.keep_tables``; the variants' "tables evict_last" keeps them always).
 
 The rotated tensors are streamed (each element read once and written once) while cos/sin or the
 cache rows are re-read by every head and batch of a token. Variants of ``kernel.py`` with Triton's
@@ -39,9 +43,8 @@ X_LOADS = ("tl.load(x_ptr + x_off, mask=d_mask, other=0.0)", "tl.load(x_ptr + x_
            "tl.load(x_ptr + x_off + HALF * xsd, mask=mask, other=0.0)")
 STORES = ("tl.store(o_ptr + o_unit[:, :, None] + d[None, None, :] * osd, ab_new, mask=d_mask)",
           "tl.store(o_ptr + o_off, a_new, mask=mask)", "tl.store(o_ptr + o_off + HALF * osd, b_new, mask=mask)")
-TABLE_LOADS = ("tl.load(cos_ptr + c_off, mask=c_mask, other=0.0)", "tl.load(sin_ptr + c_off, mask=c_mask, other=0.0)",
-               "tl.load(cache_ptr + c_off, mask=c_mask, other=0.0)",
-               "tl.load(cache_ptr + c_off + HALF * cache_s1, mask=c_mask, other=0.0)")
+# every cos/sin and cache-row load goes through kernel._load_table (both of its branches once bare)
+TABLE_LOADS = ("tl.load(ptr, mask=mask, other=0.0)",)
 
 
 def _hint(text: str, calls: tuple[str, ...], extra: str) -> str:

@@ -18,6 +18,9 @@ they differ per head (``COS_PER_HEAD``). Constexprs select the variant:
     COS_PER_HEAD   cos/sin vary along the heads (else they broadcast over them)
     INT64          index arithmetic in int64 (some operand spans 2**31 elements or more)
     EXACT_CASTS    convert bfloat16 by bit arithmetic (the Triton interpreter; see below)
+    KEEP_TABLES    load cos/sin (or the cache rows) ``evict_last``: they are re-read by every head
+                   block and batch of a token, and small enough that keeping them costs the stream
+                   little (tuning.keep_tables decides from their bytes and the device's L2)
     ROT, HEAD_DIM  rotated width and head_dim (constexpr: masks along them are then known to be
                    uniform over whole vectors, so loads and stores are 16 bytes wide)
     BLOCK_T, BLOCK_H  the tile
@@ -77,17 +80,26 @@ def _round_to(v, DTYPE: tl.constexpr, EXACT_CASTS: tl.constexpr):
 
 
 @triton.jit
+def _load_table(ptr, mask, KEEP_TABLES: tl.constexpr):
+    """A load of cos/sin or cache values (0 where masked), ``evict_last`` with ``KEEP_TABLES``."""
+    if KEEP_TABLES:
+        v = tl.load(ptr, mask=mask, other=0.0, eviction_policy="evict_last")
+    else:
+        v = tl.load(ptr, mask=mask, other=0.0)
+    return v
+
+
+@triton.jit
 def _cache_rows(pos_ptr, p_off, cache_ptr, cache_s0, cache_s1, max_pos, row_ok, pair_ok, i,
-                HALF: tl.constexpr, EXACT_CASTS: tl.constexpr):
+                HALF: tl.constexpr, EXACT_CASTS: tl.constexpr, KEEP_TABLES: tl.constexpr):
     """cos, sin ``[BLOCK_T, BLOCK_HALF]`` float32 of each row's position (``pos_ptr + p_off``).
     An out-of-range position reads nothing (masked) and gives NaN, as reference.py does."""
     pos = tl.load(pos_ptr + p_off, mask=row_ok, other=0).to(tl.int64)[:, None]
     valid = (pos >= 0) & (pos < max_pos)
     c_off = tl.where(valid, pos, 0) * cache_s0 + i[None, :] * cache_s1
     c_mask = row_ok[:, None] & pair_ok[None, :] & valid
-    c = _f32(tl.load(cache_ptr + c_off, mask=c_mask, other=0.0, eviction_policy="evict_last"), EXACT_CASTS)
-    s = _f32(tl.load(cache_ptr + c_off + HALF * cache_s1, mask=c_mask, other=0.0, eviction_policy="evict_last"),
-             EXACT_CASTS)
+    c = _f32(_load_table(cache_ptr + c_off, c_mask, KEEP_TABLES), EXACT_CASTS)
+    s = _f32(_load_table(cache_ptr + c_off + HALF * cache_s1, c_mask, KEEP_TABLES), EXACT_CASTS)
     return tl.where(valid, c, float("nan")), tl.where(valid, s, float("nan"))
 
 
@@ -117,7 +129,7 @@ def _cos_sin(l0, l1, l2, row_ok, h, unit_ok,
              cos_ptr, sin_ptr, cs0, cs1, cs2, csh, csi,
              pos_ptr, ps0, ps1, ps2, psr, cache_ptr, cache_s0, cache_s1, max_pos, axis_ptr,
              HAS_POSITIONS: tl.constexpr, MROPE: tl.constexpr, COS_PER_HEAD: tl.constexpr,
-             EXACT_CASTS: tl.constexpr, ROT: tl.constexpr):
+             EXACT_CASTS: tl.constexpr, KEEP_TABLES: tl.constexpr, ROT: tl.constexpr):
     """cos, sin float32 of every pair (reference step 1), ``[T, 1, pairs]`` (shared by the heads)
     or ``[T, H, pairs]`` (``COS_PER_HEAD``: heads ``h``, those in ``unit_ok [T, H]``)."""
     HALF: tl.constexpr = ROT // 2
@@ -131,16 +143,16 @@ def _cos_sin(l0, l1, l2, row_ok, h, unit_ok,
             # cache[positions[axis[i]], i] per element is one scalar load per pair
             axis = tl.load(axis_ptr + i, mask=pair_ok, other=0)[None, :]
             c, s = _cache_rows(pos_ptr, p_row, cache_ptr, cache_s0, cache_s1, max_pos, row_ok, pair_ok, i,
-                               HALF, EXACT_CASTS)
+                               HALF, EXACT_CASTS, KEEP_TABLES)
             c_h, s_h = _cache_rows(pos_ptr, p_row + psr, cache_ptr, cache_s0, cache_s1, max_pos, row_ok, pair_ok,
-                                   i, HALF, EXACT_CASTS)
+                                   i, HALF, EXACT_CASTS, KEEP_TABLES)
             c_w, s_w = _cache_rows(pos_ptr, p_row + 2 * psr, cache_ptr, cache_s0, cache_s1, max_pos, row_ok,
-                                   pair_ok, i, HALF, EXACT_CASTS)
+                                   pair_ok, i, HALF, EXACT_CASTS, KEEP_TABLES)
             c = tl.where(axis == 0, c, tl.where(axis == 1, c_h, c_w))[:, None, :]
             s = tl.where(axis == 0, s, tl.where(axis == 1, s_h, s_w))[:, None, :]
         else:
             c, s = _cache_rows(pos_ptr, p_row, cache_ptr, cache_s0, cache_s1, max_pos, row_ok, pair_ok, i,
-                               HALF, EXACT_CASTS)
+                               HALF, EXACT_CASTS, KEEP_TABLES)
             c = c[:, None, :]
             s = s[:, None, :]
     else:
@@ -153,10 +165,8 @@ def _cos_sin(l0, l1, l2, row_ok, h, unit_ok,
         else:
             c_off = c_row[:, None] + i[None, :] * csi
             c_mask = row_ok[:, None] & pair_ok[None, :]
-            c = _f32(tl.load(cos_ptr + c_off, mask=c_mask, other=0.0, eviction_policy="evict_last"),
-                     EXACT_CASTS)[:, None, :]
-            s = _f32(tl.load(sin_ptr + c_off, mask=c_mask, other=0.0, eviction_policy="evict_last"),
-                     EXACT_CASTS)[:, None, :]
+            c = _f32(_load_table(cos_ptr + c_off, c_mask, KEEP_TABLES), EXACT_CASTS)[:, None, :]
+            s = _f32(_load_table(sin_ptr + c_off, c_mask, KEEP_TABLES), EXACT_CASTS)[:, None, :]
     return c, s
 
 
@@ -164,9 +174,8 @@ def _cos_sin(l0, l1, l2, row_ok, h, unit_ok,
 def _load_pairs(x_ptr, x_unit, unit_ok, xsd, INTERLEAVED: tl.constexpr, EXACT_CASTS: tl.constexpr,
                 ROT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
     """The pairs (a, b) of the tile, float32 ``[T, H, pairs]`` each. They are read once: .cg keeps
-    them out of L1, while the cos/sin rows that every head block and batch of a token re-reads are
-    loaded evict_last, so the stream does not push them out of L2 (bench/studies/cache_hints.py:
-    2-4 % at 2-16k tokens, the largest shapes even)."""
+    them out of L1, while the cos/sin rows that every head block and batch of a token re-reads may
+    be loaded evict_last (``KEEP_TABLES``), so the stream does not push them out of L2."""
     HALF: tl.constexpr = ROT // 2
     BLOCK_HALF: tl.constexpr = triton.next_power_of_2(HALF)
     if INTERLEAVED:
@@ -243,7 +252,8 @@ def _rotate_tile(
     cache_ptr, cache_s0, cache_s1, max_pos, axis_ptr,
     INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr, HAS_POSITIONS: tl.constexpr,
     MROPE: tl.constexpr, COPY_PASS: tl.constexpr, COS_PER_HEAD: tl.constexpr, EXACT_CASTS: tl.constexpr,
-    ROT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    KEEP_TABLES: tl.constexpr, ROT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """One tile: ``BLOCK_T`` rows x ``BLOCK_H`` heads of one tensor."""
     l0, l1, l2, row_ok = _rows(row_block, rows, L1, L2, BLOCK_T)
@@ -253,7 +263,7 @@ def _rotate_tile(
     a, b = _load_pairs(x_ptr, x_unit, unit_ok, xsd, INTERLEAVED, EXACT_CASTS, ROT, BLOCK_T, BLOCK_H)
     c, s = _cos_sin(l0, l1, l2, row_ok, h, unit_ok, cos_ptr, sin_ptr, cs0, cs1, cs2, csh, csi,
                     pos_ptr, ps0, ps1, ps2, psr, cache_ptr, cache_s0, cache_s1, max_pos, axis_ptr,
-                    HAS_POSITIONS, MROPE, COS_PER_HEAD, EXACT_CASTS, ROT)
+                    HAS_POSITIONS, MROPE, COS_PER_HEAD, EXACT_CASTS, KEEP_TABLES, ROT)
     _rotate_store(a, b, c, s, x_ptr, o_ptr, x_unit, o_unit, unit_ok, xsd, osd,
                   INTERLEAVED, CONJUGATE, COPY_PASS, EXACT_CASTS, ROT, HEAD_DIM, BLOCK_T, BLOCK_H)
 
@@ -276,8 +286,8 @@ def rope_kernel(
     ps0, ps1, ps2, psr, cache_s0, cache_s1, max_pos,
     INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr, HAS_POSITIONS: tl.constexpr, MROPE: tl.constexpr,
     HAS_K: tl.constexpr, QK_BY_ROW: tl.constexpr, COPY_PASS: tl.constexpr, COS_PER_HEAD: tl.constexpr,
-    INT64: tl.constexpr, EXACT_CASTS: tl.constexpr, ROT: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    INT64: tl.constexpr, EXACT_CASTS: tl.constexpr, KEEP_TABLES: tl.constexpr, ROT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if INT64:
@@ -299,7 +309,7 @@ def rope_kernel(
                 cos_ptr, sin_ptr, cs0, cs1, cs2, csh, csi,
                 pos_ptr, ps0, ps1, ps2, psr, cache_ptr, cache_s0, cache_s1, max_pos, axis_ptr,
                 INTERLEAVED, CONJUGATE, HAS_POSITIONS, MROPE, COPY_PASS, COS_PER_HEAD, EXACT_CASTS,
-                ROT, HEAD_DIM, BLOCK_T, BLOCK_H,
+                KEEP_TABLES, ROT, HEAD_DIM, BLOCK_T, BLOCK_H,
             )
         else:
             _rotate_tile(
@@ -308,7 +318,7 @@ def rope_kernel(
                 cos_ptr, sin_ptr, cs0, cs1, cs2, csh, csi,
                 pos_ptr, ps0, ps1, ps2, psr, cache_ptr, cache_s0, cache_s1, max_pos, axis_ptr,
                 INTERLEAVED, CONJUGATE, HAS_POSITIONS, MROPE, COPY_PASS, COS_PER_HEAD, EXACT_CASTS,
-                ROT, HEAD_DIM, BLOCK_T, BLOCK_H,
+                KEEP_TABLES, ROT, HEAD_DIM, BLOCK_T, BLOCK_H,
             )
     else:
         _rotate_tile(
@@ -317,5 +327,5 @@ def rope_kernel(
             cos_ptr, sin_ptr, cs0, cs1, cs2, csh, csi,
             pos_ptr, ps0, ps1, ps2, psr, cache_ptr, cache_s0, cache_s1, max_pos, axis_ptr,
             INTERLEAVED, CONJUGATE, HAS_POSITIONS, MROPE, COPY_PASS, COS_PER_HEAD, EXACT_CASTS,
-            ROT, HEAD_DIM, BLOCK_T, BLOCK_H,
+            KEEP_TABLES, ROT, HEAD_DIM, BLOCK_T, BLOCK_H,
         )

@@ -51,6 +51,7 @@ _INT32_LIMIT = 2**31 - 1
 _PLANS: dict[tuple, "Plan | str | None"] = {}   # signature -> plan (None: split; _SEPARATE: q, k apart)
 _FORCED: tuning.Tile | None = None              # a tile forced for every call (sweeps, tests)
 _FORCED_QK_BY_ROW: bool | None = None           # the q+k program order forced likewise
+_FORCED_KEEP_TABLES: bool | None = None         # the tables' evict_last loads forced likewise
 _SEPARATE = "separate"
 _NEOX = Layout.NEOX
 _KERNEL = None
@@ -100,14 +101,16 @@ class Plan:
 
 
 def set_config(block_t: int | None, block_h: int | None = None, num_warps: int | None = None, *,
-               qk_by_row: bool | None = None) -> None:
+               qk_by_row: bool | None = None, keep_tables: bool | None = None) -> None:
     """Force the tile of every call (sweeps and tests): ``BLOCK_T`` rows x ``BLOCK_H`` heads per
     program and ``num_warps``; ``set_config(None)`` restores the device table / rule. ``qk_by_row``
-    forces the program order of q+k launches (kernel.py's ``QK_BY_ROW``; None: the default).
+    forces the program order of q+k launches (kernel.py's ``QK_BY_ROW``), ``keep_tables`` the
+    tables' ``evict_last`` loads (``KEEP_TABLES``); None: the default (tuning.keep_tables).
     Clears the plan cache and the dispatcher's prepared runners."""
-    global _FORCED, _FORCED_QK_BY_ROW
+    global _FORCED, _FORCED_QK_BY_ROW, _FORCED_KEEP_TABLES
     _FORCED = None if block_t is None else tuning.Tile(int(block_t), int(block_h or 1), int(num_warps or 4))
     _FORCED_QK_BY_ROW = None if qk_by_row is None else bool(qk_by_row)
+    _FORCED_KEEP_TABLES = None if keep_tables is None else bool(keep_tables)
     _PLANS.clear()
     registry.invalidate()  # runners prepared for the dispatcher hold plans
 
@@ -704,6 +707,7 @@ def _build(args: RopeArgs, pairs) -> "Plan | str | None":
         operands.append(c_lead)
         cos_per_head = cos_heads != 0
         extents += [_extent(cos.shape, cos.stride()), _extent(sin.shape, sin.stride())]
+        table_bytes = extents[-2] * cos.element_size() + extents[-1] * sin.element_size()
     else:
         p, cache = args.positions, args.cache
         mrope = args.position_axis_map is not None
@@ -726,6 +730,8 @@ def _build(args: RopeArgs, pairs) -> "Plan | str | None":
     sizes = sizes + [1] * pad
     ops = [op + [0] * pad for op in ops]
     rows = sizes[0] * sizes[1] * sizes[2]
+    if args.cache is not None:  # one cache row (its rotary_dim values) per token
+        table_bytes = rows * rot * args.cache.element_size()
 
     copy_pass = not args.inplace and rot < head_dim
     heads = [t[0] for t in per_tensor]
@@ -771,6 +777,8 @@ def _build(args: RopeArgs, pairs) -> "Plan | str | None":
         COS_PER_HEAD=cos_per_head,
         INT64=int64,
         EXACT_CASTS=environment.triton_interpret(),
+        KEEP_TABLES=(tuning.keep_tables(table_bytes, x0.device) if _FORCED_KEEP_TABLES is None
+                     else _FORCED_KEEP_TABLES),
         ROT=rot,
         HEAD_DIM=head_dim,
         BLOCK_T=tile.block_t,

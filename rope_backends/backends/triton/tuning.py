@@ -36,8 +36,8 @@ from typing import Iterable, NamedTuple
 
 import torch
 
-__all__ = ["Tile", "TileParams", "Shape", "ShapeClass", "tile_for", "rule", "device_key", "table_for",
-           "user_table_path", "SCHEMA", "SIZES"]
+__all__ = ["Tile", "TileParams", "Shape", "ShapeClass", "tile_for", "keep_tables", "rule", "device_key",
+           "table_for", "user_table_path", "SCHEMA", "SIZES"]
 
 log = logging.getLogger("rope_backends")
 
@@ -308,6 +308,28 @@ def tile_for(shape: Shape, device: torch.device) -> Tile:
     table = table_for(index)
     cls = shape.shape_class()
     return concrete(shape, table.params(cls), table.device["sms"], environment.gpu_vendor() == "rocm")
+
+
+# cos/sin (or the cache rows) of a call are loaded evict_last while they take at most this share
+# of L2. bench/studies/cache_hints.py on the H200 (60 MB L2), persisting lines reset before every
+# flush: kept tables of 1-2 MB made the kernel 1-4 % faster (re-read by a batch of 2, by q's and
+# k's head blocks, by MRoPE's three rows), of 8 MB 0.5 % slower, of 17 MB 2.6-3.7 %, and of 59 MB
+# (115,200 tokens) 1.7 % slower interleaved: kept lines that fill L2 evict the stream instead.
+KEEP_TABLES_SHARE = 16
+
+
+def keep_tables(table_bytes: int, device: torch.device) -> bool:
+    """Whether a call on ``device`` whose cos/sin (or gathered cache rows) come to ``table_bytes``
+    loads them evict_last (the kernel's ``KEEP_TABLES``): while they take at most
+    1/:data:`KEEP_TABLES_SHARE` of the GPU's L2 (3.75 MB on an H200). Never on the interpreter
+    (no cache to keep them in) or where the L2 size is unknown."""
+    from ... import environment
+
+    if device.type != "cuda" or environment.triton_interpret():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    l2 = int(table_for(index).device.get("l2_bytes") or 0)
+    return 0 < table_bytes <= l2 // KEEP_TABLES_SHARE
 
 
 def _interpreter_tile(shape: Shape) -> Tile:
