@@ -311,17 +311,18 @@ def tile_for(shape: Shape, device: torch.device) -> Tile:
 
 
 # cos/sin (or the cache rows) of a call are loaded evict_last while they take at most this share
-# of L2. bench/studies/cache_hints.py on the H200 (60 MB L2), persisting lines reset before every
-# flush: kept tables of 1-2 MB made the kernel 1-4 % faster (re-read by a batch of 2, by q's and
-# k's head blocks, by MRoPE's three rows), of 8 MB 0.5 % slower, of 17 MB 2.6-3.7 %, and of 59 MB
-# (115,200 tokens) 1.7 % slower interleaved: kept lines that fill L2 evict the stream instead.
-KEEP_TABLES_SHARE = 16
+# of L2. bench/studies/cache_hints.py on the H200 (60 MiB L2), persisting lines reset before every
+# flush, two runs on two machines: kept tables of 1-2 MB were 0-4 % faster in both (re-read by a
+# batch of 2, by q's and k's head blocks, by MRoPE's three rows); of 8 MB -0.7 % and +3.8 %; of
+# 17 MB -3.7 / -2.9 % in one run and +0.7 / +2.0 % in the other; of 59 MB (115,200 tokens)
+# 1.7-1.9 % slower interleaved in both: kept lines that fill L2 evict the stream instead.
+KEEP_TABLES_SHARE = 4
 
 
 def keep_tables(table_bytes: int, device: torch.device) -> bool:
     """Whether a call on ``device`` whose cos/sin (or gathered cache rows) come to ``table_bytes``
     loads them evict_last (the kernel's ``KEEP_TABLES``): while they take at most
-    1/:data:`KEEP_TABLES_SHARE` of the GPU's L2 (3.75 MB on an H200). Never on the interpreter
+    1/:data:`KEEP_TABLES_SHARE` of the GPU's L2 (15.7 MB on an H200). Never on the interpreter
     (no cache to keep them in) or where the L2 size is unknown."""
     from ... import environment
 
