@@ -145,10 +145,9 @@ def _own_code(case: Case) -> list[Impl]:
 
 def for_case(case: Case, device: torch.device, names: list[str], options: Options) -> list[Impl]:
     """Every implementation of a (non-dispatch) case that ``options`` keeps."""
-    if case.layers > 1:  # the model-step rows: this library's backends next to torch's own op
-        out = _backends(case, names) + [baselines.torch_autograd_op(case.op)]
-        return [i for i in out if options.keep(i.name)]
-    out = _backends(case, names) + _own_code(case) + peers.for_case(case.op, case.layout)
+    out = _backends(case, names)
+    if case.layers == 1:  # the model-step rows (layers > 1): the backends and torch's own op alone
+        out += _own_code(case) + peers.for_case(case.op, case.layout)
     if case.op in ("forward", "backward"):
         out.append(baselines.torch_autograd_op(case.op))
     if case.op in ("apply", "apply_qk", "apply_cached") and case.group in ("diffusion", "qk", "llm"):

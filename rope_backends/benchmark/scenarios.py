@@ -160,9 +160,14 @@ DECODE_GRAPH_MAX_T = 64
 
 # --- expected outputs ---------------------------------------------------------------------------
 
+def _per_layer(out: Tensor, d: dict) -> tuple[Tensor, ...]:
+    """One expected output, or with ``d["layers"]`` (the backward group's model-step cases) one per layer."""
+    return tuple(out.unbind(0)) if "layers" in d else (out,)
+
+
 def ref_apply(d: dict, layout: str) -> tuple[Tensor, ...]:
     x = d["x"]
-    return (reference.rotate(x, d["cos"], d["sin"], Layout(layout), x.shape[-1]),)
+    return _per_layer(reference.rotate(x, d["cos"], d["sin"], Layout(layout), x.shape[-1]), d)
 
 
 def ref_qk(d: dict, layout: str) -> tuple[Tensor, ...]:
@@ -182,14 +187,7 @@ def ref_cached(d: dict, layout: str) -> tuple[Tensor, ...]:
 
 def ref_backward(d: dict, layout: str) -> tuple[Tensor, ...]:
     g = d["g"]
-    out = reference.rotate(g, d["cos"], d["sin"], Layout(layout), g.shape[-1], conjugate=True)
-    return tuple(out.unbind(0)) if "layers" in d else (out,)
-
-
-def ref_layers(d: dict, layout: str) -> tuple[Tensor, ...]:
-    """The forward of the layered backward cases: one output per layer."""
-    x = d["x"]
-    return tuple(reference.rotate(x, d["cos"], d["sin"], Layout(layout), x.shape[-1]).unbind(0))
+    return _per_layer(reference.rotate(g, d["cos"], d["sin"], Layout(layout), g.shape[-1], conjugate=True), d)
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -370,7 +368,7 @@ def backward_cases(scale: str, device: torch.device) -> list[Case]:
                     "g": torch.randn((layers, *shape), dtype=dtype, device=device),
                     "layers": layers, **_tables(device, table)}
 
-        for op, ref in (("forward", ref_layers), ("backward", ref_backward)):
+        for op, ref in (("forward", ref_apply), ("backward", ref_backward)):
             cases.append(Case("backward", f"{layout} {op}, {layers} layers", op, f"{layers} x {shape_text(shape)}",
                               dtype, layout, layers * tokens, layers * nbytes, make_layers, ref, layers=layers))
     return cases
